@@ -1,0 +1,376 @@
+"""Pull-mode backup: libvirt exports a point-in-time view over NBD, we copy it into qcow2.
+
+Order of a run, each step recorded in ``<vm>/.run.json`` *before* it creates anything, so
+that a later run can finish the clean-up of a run that died (``recover``)::
+
+    plan (pure, may refuse)  ->  journal  ->  scratch dir  ->  <chk>.partial/
+      ->  backupBegin (job + checkpoint)  ->  images + copy  ->  flush  ->  abortJob
+      ->  rename <chk>.partial/ to <chk>/  ->  manifest (atomic)  ->  journal removed
+
+A point enters the manifest only after all of its disks are complete and flushed. On any
+failure the job is aborted, the new checkpoint is deleted (its backup never completed, so no
+incremental may build on it), and the partial images and scratch files are removed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import threading
+import time
+from typing import Iterator, Sequence
+
+from . import domxml, manifest as mf, nbdio, qemuimg, xmlgen
+from .errors import Error, Interrupted, StateError, UsageError
+from .plan import BackupPlan, plan_backup
+from .progress import Progress
+from .repo import Repository, fsync_dir
+from .virt import Connection, Domain
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCRATCH_BASE = "/var/tmp"
+QEMU_USERS = ("libvirt-qemu", "qemu")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _qemu_ids() -> tuple[int, int] | None:
+    for name in QEMU_USERS:
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam(name)
+            return pw.pw_uid, pw.pw_gid
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Documents:
+    plan: BackupPlan
+    run_dir: pathlib.Path
+    socket: str
+    backup_xml: str
+    checkpoint_xml: str
+
+
+def documents(plan: BackupPlan, run_dir: pathlib.Path) -> Documents:
+    """The <domainbackup> and <domaincheckpoint> for a plan; names derive from ``run_dir``."""
+    socket = str(run_dir / "nbd.sock")
+    bdisks = [
+        xmlgen.BackupDisk(name=d.name, scratch=str(run_dir / f"{d.name}.scratch.qcow2"), full=d.full)
+        for d in plan.disks
+    ]
+    bspec = xmlgen.BackupSpec(socket=socket, disks=bdisks, incremental=plan.parent)
+    cspec = xmlgen.CheckpointSpec(
+        name=plan.checkpoint,
+        disks=[xmlgen.CheckpointDisk(d.name, d.bitmap) for d in plan.disks],
+        description=f"libvbackup {plan.level} backup of {plan.vm}",
+    )
+    return Documents(plan, run_dir, socket, xmlgen.backup_pull_xml(bspec), xmlgen.checkpoint_xml(cspec))
+
+
+def plan_summary(plan: BackupPlan) -> dict:
+    return {
+        "vm": plan.vm,
+        "checkpoint": plan.checkpoint,
+        "parent": plan.parent,
+        "level": plan.level,
+        "disks": {
+            d.name: {"mode": "full" if d.full else "incremental", "bitmap": d.bitmap, "reason": d.reason}
+            for d in plan.disks
+        },
+    }
+
+
+def _scratch_base(scratch_dir: str | None) -> pathlib.Path:
+    base = pathlib.Path(scratch_dir or DEFAULT_SCRATCH_BASE).absolute()
+    if not base.is_dir():
+        raise UsageError(f"scratch directory {base} does not exist or is not a directory")
+    return base
+
+
+def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental,
+             disks, exclude, scratch_dir) -> tuple[str, Documents, mf.Manifest]:
+    vm = dom.name
+    if not dom.is_running():
+        raise StateError(f"VM {vm!r} is not running; a pull backup needs a running VM",
+                         f"start it with: virsh start {vm}")
+    domain_xml = dom.xml()
+    chosen = domxml.select_disks(domxml.parse_disks(domain_xml), disks, exclude)
+    manifest = repository.load(vm)
+    plan = plan_backup(manifest, chosen, libvirt_checkpoints=dom.checkpoint_names(),
+                       checkpoint=checkpoint, incremental=incremental)
+    run_dir = _scratch_base(scratch_dir) / f"libvbackup-{vm}-{plan.checkpoint}"
+    return domain_xml, documents(plan, run_dir), manifest
+
+
+def pull(
+    vm: str,
+    *,
+    repo: str,
+    uri: str | None = None,
+    checkpoint: str | None = None,
+    incremental: str | None = None,
+    disks: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    scratch_dir: str | None = None,
+    dry_run: bool = False,
+    progress: str = "none",
+) -> dict:
+    """Take a pull-mode backup of a running VM; returns a JSON-able summary."""
+    repository = Repository(repo)
+    if dry_run:
+        repository.check_readable()
+    else:
+        repository.check_writable(create_default=True)
+    with Connection(uri) as conn:
+        dom = conn.domain(vm)
+        if not dry_run and repository.read_run(vm) is not None:
+            # A run died: finish its clean-up before its checkpoint confuses the plan.
+            with repository.lock(vm), _umask(0o077):
+                recover(repository, vm, dom)
+        kw = dict(checkpoint=checkpoint, incremental=incremental, disks=disks, exclude=exclude,
+                  scratch_dir=scratch_dir)
+        # Plan before taking the lock, so that bad input changes nothing, not even a directory.
+        domain_xml, docs, manifest = _prepare(dom, repository, **kw)
+        if dry_run:
+            return {**plan_summary(docs.plan), "dry_run": True,
+                    "backup_xml": docs.backup_xml, "checkpoint_xml": docs.checkpoint_xml}
+        with repository.lock(vm), _signals_raise(), _umask(0o077):
+            recover(repository, vm, dom)
+            # Plan again under the lock: another run may have changed the repository.
+            domain_xml, docs, manifest = _prepare(dom, repository, **kw)
+            return _run(repository, dom, domain_xml, docs, manifest, progress)
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT/SIGTERM raise Interrupted in the main thread, so the run can clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list]:
+    """Hold SIGINT/SIGTERM while cleaning up; the caller re-raises what arrived."""
+    got: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _make_run_dir(path: pathlib.Path) -> None:
+    """Private to root and QEMU's user: QEMU creates the socket and scratch images here."""
+    path.mkdir(mode=0o700)
+    ids = _qemu_ids()
+    if ids and os.geteuid() == 0:
+        os.chown(path, ids[0], ids[1])
+
+
+def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
+         manifest: mf.Manifest, progress_mode: str) -> dict:
+    plan = docs.plan
+    vm = plan.vm
+    vm_dir = repository.ensure_vm_dir(vm)
+    partial = vm_dir / f"{plan.checkpoint}.partial"
+    final = vm_dir / plan.checkpoint
+    state = {
+        "pid": os.getpid(), "started": _now(), "vm": vm, "checkpoint": plan.checkpoint,
+        "run_dir": str(docs.run_dir), "partial": str(partial), "final": str(final), "job": False,
+    }
+    started, t0 = _now(), time.monotonic()
+    repository.write_run(vm, state)
+    handles: list = []
+    try:
+        _make_run_dir(docs.run_dir)
+        partial.mkdir(mode=0o700)
+        state["job"] = True
+        repository.write_run(vm, state)
+        log.info("starting %s backup %s of %s", plan.level, plan.checkpoint, vm)
+        dom.backup_begin(docs.backup_xml, docs.checkpoint_xml)
+        bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
+
+        jobs = []
+        for d in plan.disks:
+            bitmap = None if d.full else bitmaps.get(d.name)
+            if not d.full and bitmap is None:
+                raise StateError(f"libvirt exported disk {d.name} without a dirty bitmap")
+            src = nbdio.connect_export(docs.socket, d.name, bitmap)
+            handles.append(src)
+            size = nbdio.size(src)
+            image = partial / f"{d.name}.qcow2"
+            qemuimg.create(str(image), size, backing=f"../{d.backing}" if d.backing else None)
+            dst = nbdio.open_image(str(image))
+            handles.append(dst)
+            jobs.append((d, src, dst, bitmap, size))
+
+        stats = _copy_all(jobs, progress_mode)
+        for h in handles:
+            nbdio.close(h)
+        handles.clear()  # frees the handles: the qemu-nbd children exit
+        dom.abort_job()
+        chk_xml = dom.checkpoint_xml(plan.checkpoint)
+
+        os.rename(partial, final)
+        fsync_dir(vm_dir)
+        disks = {
+            d.name: mf.PointDisk(
+                name=d.name, image=f"{plan.checkpoint}/{d.name}.qcow2", backing=d.backing,
+                size=size, bytes_copied=stats[d.name].bytes_copied,
+                bytes_zeroed=stats[d.name].bytes_zeroed, bitmap=d.bitmap, source_format=d.format,
+            )
+            for d, _s, _d, _b, size in jobs
+        }
+        seconds = round(time.monotonic() - t0, 3)
+        point = mf.Point(
+            checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode="pull",
+            started=started, completed=_now(), seconds=seconds, disks=disks,
+            domain_xml=domain_xml, checkpoint_xml=chk_xml,
+        )
+        manifest.uuid = manifest.uuid or dom.uuid()
+        manifest.points.append(point)
+        repository.save(manifest)
+        _remove_tree(docs.run_dir)
+        repository.clear_run(vm)
+    except BaseException as e:
+        with _signals_deferred() as pending:
+            for h in handles:
+                with contextlib.suppress(Exception):
+                    nbdio.close(h)
+            handles.clear()
+            try:
+                cleanup(repository, vm, dom, state)
+            except Error as ce:
+                log.error("clean-up after the failed backup was incomplete: %s", ce)
+        if pending and not isinstance(e, Interrupted):
+            raise Interrupted(pending[0]) from e
+        raise
+    return {
+        **plan_summary(plan),
+        "mode": "pull",
+        "seconds": seconds,
+        "disks": {
+            name: {
+                "image": str(repository.image(vm, pd.image)),
+                "backing": pd.backing,
+                "size": pd.size,
+                "bytes_copied": pd.bytes_copied,
+                "bytes_zeroed": pd.bytes_zeroed,
+                "mode": "full" if pd.backing is None else "incremental",
+                "reason": next(d.reason for d in plan.disks if d.name == name),
+            }
+            for name, pd in disks.items()
+        },
+    }
+
+
+def _copy_all(jobs, progress_mode: str) -> dict[str, nbdio.CopyStats]:
+    """Copy every disk at once, one thread each; the first failure stops the others."""
+    stop = threading.Event()
+    prog = Progress(progress_mode)
+    for d, src, _dst, _bitmap, size in jobs:
+        prog.add(d.name, size)
+
+    def one(d, src, dst, bitmap):
+        try:
+            st = nbdio.copy(src, dst, bitmap=bitmap, target_is_zero=d.full,
+                            progress=prog.callback(d.name), should_stop=stop.is_set)
+            dst.flush()
+            return st
+        except BaseException:
+            stop.set()
+            raise
+
+    with prog, concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs) or 1) as pool:
+        futures = {pool.submit(one, d, src, dst, bitmap): d.name for d, src, dst, bitmap, _ in jobs}
+        try:
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            if any(f.done() and f.exception() for f in futures):
+                stop.set()
+            concurrent.futures.wait(futures)
+        return {name: f.result() for f, name in futures.items()}
+
+
+def _remove_tree(path: pathlib.Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup(repository: Repository, vm: str, dom: Domain | None, state: dict) -> None:
+    """Undo what a run recorded in its journal, except what the manifest already holds."""
+    chk = state.get("checkpoint")
+    manifest = repository.load(vm)
+    completed = chk is not None and manifest.find(chk) is not None
+    if state.get("job") and dom is not None:
+        if dom.has_backup_job():
+            dom.abort_job()
+        if chk and not completed and dom.has_checkpoint(chk):
+            log.info("deleting checkpoint %s of an incomplete backup", chk)
+            dom.delete_checkpoint(chk)
+    for key in ("partial",) + (() if completed else ("final",)):
+        if state.get(key):
+            _remove_tree(pathlib.Path(state[key]))
+    if state.get("run_dir"):
+        _remove_tree(pathlib.Path(state["run_dir"]))
+    repository.clear_run(vm)
+
+
+def recover(repository: Repository, vm: str, dom: Domain | None) -> dict | None:
+    """Finish the clean-up of a run that died; returns its journal, or None if there was none."""
+    state = repository.read_run(vm)
+    if state is None:
+        return None
+    pid = state.get("pid")
+    if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+        raise StateError(f"a backup of VM {vm!r} by pid {pid} is still running")
+    log.warning("cleaning up after an interrupted backup (%s)", state.get("checkpoint", "unknown"))
+    cleanup(repository, vm, dom, state)
+    return state

@@ -1,0 +1,31 @@
+"""List the backup points of a VM in a repository, oldest first.
+
+Each point is named by the checkpoint it created; PARENT is the point it was taken from
+(empty for a full backup).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from ..restore import list_points
+from .common import JsonOpt, RepoOpt, emit_json, human, repo_path
+
+
+def list_(
+    vm: str = typer.Argument(..., help="Name of the VM."),
+    repo: str = RepoOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    result = list_points(vm, repo=repo_path(repo))
+    if json_out:
+        emit_json(result)
+        return
+    if not result["points"]:
+        typer.echo(f"no backup points of {vm} in {result['repo']}")
+        return
+    typer.echo(f"{'CHECKPOINT':<28} {'LEVEL':<13} {'PARENT':<28} {'COMPLETED':<26} DISKS")
+    for p in result["points"]:
+        disks = ", ".join(f"{n} {human(d['bytes_copied'])}" for n, d in p["disks"].items())
+        typer.echo(f"{p['checkpoint']:<28} {p['level']:<13} {p['parent'] or '-':<28} "
+                   f"{p['completed']:<26} {disks}")

@@ -1,0 +1,96 @@
+"""Entry point: the typer app, logging set-up, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from typing import Callable
+
+import typer
+
+from .. import __version__
+from ..errors import Error
+from . import list_cmd, pull, restore
+
+app = typer.Typer(
+    name="libvbackup",
+    help=(
+        "Back up running libvirt/QEMU VMs into a repository of ordinary qcow2 chains.\n\n"
+        "A pull backup asks libvirt for a point-in-time NBD export of each disk and a new "
+        "checkpoint; later backups copy only what changed since an earlier checkpoint. "
+        "Every point can be restored with ordinary QEMU tools.\n\n"
+        "Typical use: 'libvbackup pull vm1 --repo /backups', then "
+        "'libvbackup pull vm1 --repo /backups --incremental CHECKPOINT', "
+        "'libvbackup list vm1 --repo /backups', "
+        "'libvbackup restore vm1 --repo /backups --checkpoint CHECKPOINT --output DIR'."
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_debug = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"libvbackup {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    debug: bool = typer.Option(False, "--debug", help="Log details and show tracebacks of errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what is being done."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 is_eager=True, callback=_version),
+) -> None:
+    global _debug
+    _debug = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="libvbackup: %(levelname)s: %(message)s")
+
+
+def _fail(message: str, code: int) -> None:
+    if _debug:
+        traceback.print_exc()
+    sys.stderr.write(f"libvbackup: error: {message}\n")
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+def errors_to_exit_codes(fn: Callable) -> Callable:
+    """The one place where exceptions become a one-line message and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Error as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            _fail(f"{e.strerror or e}{where}", 1)
+        except Exception as e:  # a bug: one line; --debug shows where
+            _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for details)", 70)
+
+    return wrapper
+
+
+for _name, _mod, _fn in (("pull", pull, pull.pull), ("list", list_cmd, list_cmd.list_),
+                         ("restore", restore, restore.restore)):
+    app.command(_name, help=_mod.__doc__)(errors_to_exit_codes(_fn))
+
+
+def main() -> None:
+    app(prog_name="libvbackup")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Take a pull-mode backup of a running VM.
+
+Without --incremental, a full backup: every allocated byte of each disk is copied. With
+--incremental CHK, only what changed since checkpoint CHK: the previous point gives an
+incremental, an older one a differential. Either way a new libvirt checkpoint is created
+(named by --checkpoint, or lvb-<UTC time>); it names the new backup point.
+
+Raw-format disks cannot hold dirty bitmaps: they are copied in full every time.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from ..backup import pull as pull_op
+from .common import JsonOpt, RepoOpt, UriOpt, as_list, emit_json, human, repo_path
+
+
+def pull(
+    vm: str = typer.Argument(..., help="Name of the libvirt domain (must be running)."),
+    repo: Optional[str] = RepoOpt,
+    incremental: Optional[str] = typer.Option(
+        None, "--incremental", "-i", metavar="CHECKPOINT",
+        help="Copy only what changed since this earlier checkpoint of the VM.",
+    ),
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint", metavar="NAME", help="Name of the new checkpoint [default: lvb-<UTC time>].",
+    ),
+    disk: Optional[List[str]] = typer.Option(
+        None, "--disk", "-d", metavar="TARGET", help="Back up only this disk (e.g. vda); repeatable.",
+    ),
+    exclude: Optional[List[str]] = typer.Option(
+        None, "--exclude", "-x", metavar="TARGET", help="Leave this disk out; repeatable.",
+    ),
+    scratch_dir: Optional[str] = typer.Option(
+        None, "--scratch-dir", metavar="DIR",
+        help="Where QEMU keeps the old data of guest writes during the backup [default: /var/tmp].",
+    ),
+    uri: Optional[str] = UriOpt,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
+    ),
+    progress: str = typer.Option(
+        "auto", "--progress", metavar="auto|bar|plain|none",
+        help="Progress on stderr: a bar on a terminal (auto), periodic lines (plain), or none.",
+    ),
+    json_out: bool = JsonOpt,
+) -> None:
+    if progress not in ("auto", "bar", "plain", "none"):
+        raise typer.BadParameter("use auto, bar, plain or none", param_hint="--progress")
+    if progress == "auto":
+        progress = "bar" if sys.stderr.isatty() and not json_out else "none"
+    result = pull_op(
+        vm, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental,
+        disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
+        progress=progress,
+    )
+    if json_out:
+        emit_json(result)
+        return
+    if dry_run:
+        typer.echo(f"# plan: {result['level']} backup of {vm}, new checkpoint {result['checkpoint']}"
+                   + (f", since {result['parent']}" if result["parent"] else ""))
+        for name, d in result["disks"].items():
+            typer.echo(f"#   {name}: {d['mode']}" + (f" ({d['reason']})" if d["reason"] else ""))
+        typer.echo("# <domainbackup> for virDomainBackupBegin:")
+        typer.echo(result["backup_xml"], nl=False)
+        typer.echo("# <domaincheckpoint>:")
+        typer.echo(result["checkpoint_xml"], nl=False)
+        return
+    since = f" since {result['parent']}" if result["parent"] else ""
+    typer.echo(f"{result['level']} backup {result['checkpoint']} of {vm}{since} "
+               f"done in {result['seconds']:.1f} s")
+    for name, d in result["disks"].items():
+        note = f"  [{d['mode']}: {d['reason']}]" if d["reason"] else f"  [{d['mode']}]"
+        typer.echo(f"  {name}: {human(d['bytes_copied'])} copied, {human(d['bytes_zeroed'])} zeroed"
+                   f" -> {d['image']}{note}")

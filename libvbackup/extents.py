@@ -1,0 +1,147 @@
+"""Extents of an NBD export and the copy plan built from them (pure).
+
+An NBD block-status reply is loose, and the merging code must accept all of it::
+
+    request:      |<------------------ count ------------------>|
+    base:alloc:   |  data  | zero |   data   |      zero             ...|   (last extent may run past)
+    dirty bitmap: |  clean      |  dirty  |                               (may stop short)
+
+Each context may describe a different length; the merged result covers only the part that
+*every* context described, clipped to the request, and the caller asks again from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Iterator, Sequence
+
+STATE_HOLE = 1  # base:allocation
+STATE_ZERO = 2  # base:allocation
+STATE_DIRTY = 1  # qemu:dirty-bitmap:*
+
+MAX_ZERO = 1 << 30  # one NBD_CMD_WRITE_ZEROES at most (the protocol allows < 4 GiB)
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    start: int
+    length: int
+    zero: bool  # reads as zeroes
+    dirty: bool = True  # changed since the parent checkpoint (always True for a full copy)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    kind: str  # "copy" or "zero"
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def from_entries(start: int, entries: Sequence[int]) -> list[tuple[int, int, int]]:
+    """libnbd's flat ``[length, flags, length, flags, ...]`` -> ``[(start, length, flags)]``."""
+    out = []
+    pos = start
+    for i in range(0, len(entries) - 1, 2):
+        length, flags = entries[i], entries[i + 1]
+        if length <= 0:
+            break
+        out.append((pos, length, flags))
+        pos += length
+    return out
+
+
+def _covered_end(runs: Sequence[tuple[int, int, int]], start: int) -> int:
+    if not runs or runs[0][0] != start:
+        return start
+    return runs[-1][0] + runs[-1][1]
+
+
+def merge(
+    start: int,
+    end: int,
+    alloc: Sequence[tuple[int, int, int]],
+    dirty: Sequence[tuple[int, int, int]] | None = None,
+) -> list[Extent]:
+    """Merge base:allocation and (optionally) dirty-bitmap runs that both begin at ``start``.
+
+    Returns extents from ``start`` up to the first point not described by every context, or
+    ``end``, whichever is smaller; adjacent extents with equal flags are joined. An empty result
+    means a context described nothing (a protocol error for the caller to report).
+    """
+    stop = min(end, _covered_end(alloc, start))
+    if dirty is not None:
+        stop = min(stop, _covered_end(dirty, start))
+    if stop <= start:
+        return []
+    cuts = {start, stop}
+    for runs in (alloc, dirty or ()):
+        for s, n, _ in runs:
+            if start < s < stop:
+                cuts.add(s)
+            if start < s + n < stop:
+                cuts.add(s + n)
+    points = sorted(cuts)
+
+    def flags_at(runs: Sequence[tuple[int, int, int]], pos: int, i: list[int]) -> int:
+        while runs[i[0]][0] + runs[i[0]][1] <= pos:
+            i[0] += 1
+        return runs[i[0]][2]
+
+    ia, idr = [0], [0]
+    out: list[Extent] = []
+    for a, b in zip(points, points[1:]):
+        zero = bool(flags_at(alloc, a, ia) & STATE_ZERO)
+        is_dirty = True if dirty is None else bool(flags_at(dirty, a, idr) & STATE_DIRTY)
+        if out and out[-1].zero == zero and out[-1].dirty == is_dirty and out[-1].end == a:
+            last = out.pop()
+            out.append(Extent(last.start, b - last.start, zero, is_dirty))
+        else:
+            out.append(Extent(a, b - a, zero, is_dirty))
+    return out
+
+
+def plan(extents: Iterable[Extent], *, target_is_zero: bool, max_request: int) -> Iterator[Op]:
+    """The NBD operations that make the target equal the source on the dirty extents.
+
+    - clean extents: nothing (the backing image already holds them);
+    - dirty extents that read as zeroes: a zero request, never a read. Skipped only when the
+      target already reads as zero there (``target_is_zero``: a new image with no backing).
+      In an incremental image the older data underneath would otherwise show through;
+    - dirty data: reads of at most ``max_request`` bytes.
+    """
+    pending: Op | None = None
+    for e in extents:
+        if not e.dirty:
+            kind = None
+        elif e.zero:
+            kind = None if target_is_zero else "zero"
+        else:
+            kind = "copy"
+        if pending is not None and (kind != pending.kind or e.start != pending.end):
+            yield from _split(pending, max_request)
+            pending = None
+        if kind is None:
+            continue
+        if pending is None:
+            pending = Op(kind, e.start, e.length)
+        else:
+            pending = Op(kind, pending.start, pending.length + e.length)
+    if pending is not None:
+        yield from _split(pending, max_request)
+
+
+def _split(op: Op, max_request: int) -> Iterator[Op]:
+    limit = max_request if op.kind == "copy" else MAX_ZERO
+    pos = op.start
+    while pos < op.end:
+        n = min(limit, op.end - pos)
+        yield Op(op.kind, pos, n)
+        pos += n

@@ -1,0 +1,139 @@
+"""What a backup will do, decided before anything is touched (pure).
+
+``plan_backup`` takes what is known (the repository's manifest, the domain's disks, the
+checkpoints libvirt has) and the user's request, and returns a ``BackupPlan``; it raises a
+libvbackup error for every request that cannot be carried out, so bad input stops here,
+before any job, checkpoint or file exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Collection, Sequence
+
+from .domxml import Disk
+from .errors import NotFound, StateError, UsageError
+from .manifest import Manifest
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedDisk:
+    name: str
+    full: bool  # copied in full (no usable bitmap in the parent, or no parent)
+    bitmap: bool  # the new checkpoint records a bitmap for it (qcow2 only)
+    backing: str | None  # parent's image (relative to the VM dir) for an incremental image
+    format: str | None
+    reason: str | None = None  # why a disk is copied in full inside an incremental backup
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupPlan:
+    vm: str
+    checkpoint: str
+    parent: str | None
+    level: str  # full | incremental | differential
+    disks: tuple[PlannedDisk, ...]
+
+    @property
+    def incremental(self) -> str | None:
+        return self.parent
+
+
+def default_checkpoint_name(now: float | None = None, taken: Collection[str] = ()) -> str:
+    base = "lvb-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def check_name(name: str, what: str = "checkpoint name") -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid {what} {name!r}: use letters, digits, '.', '_', '+', '-' "
+            "(at most 100, not starting with a dot or dash)"
+        )
+    return name
+
+
+def plan_backup(
+    manifest: Manifest,
+    disks: Sequence[Disk],
+    *,
+    libvirt_checkpoints: Collection[str],
+    checkpoint: str | None = None,
+    incremental: str | None = None,
+) -> BackupPlan:
+    """Choose the checkpoint, parent, level, and per-disk full/incremental mode of a backup.
+
+    ``disks`` are the disks chosen for this backup (see ``domxml.select_disks``).
+    """
+    taken = set(libvirt_checkpoints) | {p.checkpoint for p in manifest.points}
+    if checkpoint is None:
+        checkpoint = default_checkpoint_name(taken=taken)
+    check_name(checkpoint)
+    if checkpoint in libvirt_checkpoints:
+        raise UsageError(f"libvirt already has a checkpoint named {checkpoint!r}; choose another --checkpoint")
+    if manifest.find(checkpoint) is not None:
+        raise UsageError(f"the repository already holds a point named {checkpoint!r}; choose another --checkpoint")
+    if incremental is not None and incremental == checkpoint:
+        raise UsageError("--checkpoint and --incremental name the same checkpoint")
+
+    parent = None
+    if incremental is not None:
+        if manifest.find(incremental) is None:
+            raise NotFound(
+                f"the repository holds no backup point {incremental!r} for VM {manifest.vm!r}",
+                "run a full backup (without --incremental) to start a new chain",
+            )
+        if incremental not in libvirt_checkpoints:
+            raise StateError(
+                f"libvirt no longer has checkpoint {incremental!r} of VM {manifest.vm!r}, "
+                "so the changes since it are unknown",
+                "run a full backup (without --incremental) to start a new chain",
+            )
+        parent = manifest.get(incremental)
+
+    planned = []
+    for d in disks:
+        bitmap = d.bitmap_capable
+        reason = None
+        pdisk = parent.disks.get(d.target) if parent else None
+        if parent is None:
+            full = True
+        elif pdisk is None:
+            full, reason = True, f"not in point {parent.checkpoint}"
+        elif not pdisk.bitmap or not bitmap:
+            full, reason = True, f"{d.format or 'unknown'}-format disk holds no dirty bitmap"
+        else:
+            full = False
+        planned.append(
+            PlannedDisk(
+                name=d.target,
+                full=full,
+                bitmap=bitmap,
+                backing=None if full else pdisk.image,
+                format=d.format,
+                reason=reason,
+            )
+        )
+    if parent is not None and all(p.full for p in planned):
+        parent = None
+    if parent is None:
+        level = "full"
+    elif manifest.newest is not None and manifest.newest.checkpoint == parent.checkpoint:
+        level = "incremental"
+    else:
+        level = "differential"
+    return BackupPlan(
+        vm=manifest.vm,
+        checkpoint=checkpoint,
+        parent=parent.checkpoint if parent else None,
+        level=level,
+        disks=tuple(planned),
+    )

@@ -1,0 +1,74 @@
+"""Progress of long copies: a live line on a terminal, periodic lines for logs, or nothing."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import TextIO
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Progress:
+    """Thread-safe byte counters per disk; ``mode`` is ``bar``, ``plain`` or ``none``."""
+
+    def __init__(self, mode: str = "none", stream: TextIO = sys.stderr, interval: float | None = None):
+        self.mode = mode
+        self.stream = stream
+        self.interval = interval if interval is not None else (0.5 if mode == "bar" else 10.0)
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = time.monotonic()
+
+    def add(self, disk: str, total: int) -> None:
+        with self._lock:
+            self.totals[disk] = total
+            self.done.setdefault(disk, 0)
+
+    def advance(self, disk: str, n: int) -> None:
+        with self._lock:
+            self.done[disk] = self.done.get(disk, 0) + n
+
+    def callback(self, disk: str):
+        return lambda n: self.advance(disk, n)
+
+    def line(self) -> str:
+        with self._lock:
+            done, total = sum(self.done.values()), sum(self.totals.values())
+            parts = [f"{d} {100 * self.done[d] / t:.0f}%" if t else f"{d} -" for d, t in self.totals.items()]
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        rate = done / elapsed
+        eta = f", ETA {max(total - done, 0) / rate:.0f} s" if rate > 0 and total else ""
+        return f"{_human(done)} of {_human(total)} at {_human(rate)}/s{eta} [{', '.join(parts)}]"
+
+    def __enter__(self) -> "Progress":
+        if self.mode != "none":
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+            if self.mode == "bar":
+                self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.mode == "bar":
+                self.stream.write("\r\x1b[K" + self.line())
+            else:
+                self.stream.write(self.line() + "\n")
+            self.stream.flush()

@@ -1,0 +1,47 @@
+"""Wrappers around qemu-img: the repository's images are made and read by QEMU's own tools."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+
+from .errors import ToolError
+
+log = logging.getLogger(__name__)
+
+
+def _run(argv: list[str]) -> str:
+    log.debug("running %s", " ".join(argv))
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise ToolError(f"{argv[0]} is not installed", "run scripts/setup") from e
+    if p.returncode != 0:
+        detail = (p.stderr or p.stdout).strip().splitlines()
+        raise ToolError(f"{argv[0]} {argv[1]} failed: {detail[-1] if detail else f'exit {p.returncode}'}")
+    return p.stdout
+
+
+def create(path: str, size: int, backing: str | None = None) -> None:
+    """A new qcow2 image; ``backing`` is a path relative to the new image's directory."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=1.1"]
+    if backing:
+        argv += ["-b", backing, "-F", "qcow2"]
+    argv += [path, str(size)]
+    _run(argv)
+
+
+def info(path: str, chain: bool = False) -> dict | list:
+    argv = ["qemu-img", "info", "--output=json"]
+    if chain:
+        argv.append("--backing-chain")
+    return json.loads(_run(argv + [path]))
+
+
+def convert(src: str, dst: str, out_format: str) -> None:
+    """Flatten ``src`` (with its whole backing chain) into a standalone image ``dst``."""
+    argv = ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", out_format, "-m", "8", "-W"]
+    if out_format == "qcow2":
+        argv += ["-o", "compat=1.1"]
+    _run(argv + [src, dst])

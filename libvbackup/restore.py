@@ -1,0 +1,116 @@
+"""Restore and listing: a backup point becomes one standalone image per disk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+from typing import Sequence
+
+from . import qemuimg
+from .errors import NotFound, RepositoryError, UsageError
+from .repo import Repository
+
+FORMATS = ("qcow2", "raw")
+
+
+def list_points(vm: str, *, repo: str) -> dict:
+    repository = Repository(repo)
+    repository.check_readable()
+    m = repository.load(vm)
+    if not m.points and not repository.vm_dir(vm).exists():
+        raise NotFound(f"repository {repository.root} holds no backups of VM {vm!r}")
+    return {
+        "vm": vm,
+        "repo": str(repository.root),
+        "points": [
+            {
+                "checkpoint": p.checkpoint,
+                "parent": p.parent,
+                "level": p.level,
+                "mode": p.mode,
+                "completed": p.completed,
+                "seconds": p.seconds,
+                "disks": {
+                    n: {"image": str(repository.image(vm, d.image)), "size": d.size,
+                        "bytes_copied": d.bytes_copied, "bytes_zeroed": d.bytes_zeroed}
+                    for n, d in p.disks.items()
+                },
+            }
+            for p in m.points
+        ],
+    }
+
+
+def restore(
+    vm: str,
+    *,
+    repo: str,
+    output: str,
+    checkpoint: str | None = None,
+    fmt: str = "qcow2",
+    disks: Sequence[str] = (),
+) -> dict:
+    """Write ``output/<disk>.<fmt>`` for each disk, as it was when ``checkpoint`` was created."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    repository = Repository(repo)
+    repository.check_readable()
+    m = repository.load(vm)
+    if checkpoint is None:
+        if m.newest is None:
+            raise NotFound(f"repository {repository.root} holds no backups of VM {vm!r}")
+        checkpoint = m.newest.checkpoint
+    point = m.get(checkpoint)
+    chain = m.chain(checkpoint)
+    names = list(dict.fromkeys(disks)) or list(point.disks)
+    for n in names:
+        if n not in point.disks:
+            raise NotFound(f"point {checkpoint!r} holds no disk {n!r} (it has {', '.join(point.disks)})")
+    # Every image of every chain must be there before anything is written.
+    for n in names:
+        for p in chain:
+            pd = p.disks.get(n)
+            if pd is None and p is not point:
+                continue
+            path = repository.image(vm, pd.image)
+            if not path.is_file():
+                raise RepositoryError(f"image {path} of point {p.checkpoint!r} is missing; "
+                                      f"point {checkpoint!r} cannot be restored")
+    out = pathlib.Path(output).absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"output {out} exists and is not a directory")
+        if any(out.iterdir()):
+            raise UsageError(f"output directory {out} is not empty; restore into a new or empty directory")
+    created_dir = False
+    if not out.exists():
+        try:
+            out.mkdir(mode=0o700)
+        except OSError as e:
+            raise UsageError(f"cannot create output directory {out}: {e.strerror}") from e
+        created_dir = True
+    written = []
+    old_umask = os.umask(0o077)
+    try:
+        result = {}
+        for n in names:
+            src = repository.image(vm, point.disks[n].image)
+            dst = out / f"{n}.{fmt}"
+            tmp = out / f".{n}.{fmt}.partial"
+            written.append(tmp)
+            qemuimg.convert(str(src), str(tmp), fmt)
+            os.replace(tmp, dst)
+            written[-1] = dst
+            result[n] = {"path": str(dst), "size": point.disks[n].size, "format": fmt}
+        return {"vm": vm, "checkpoint": checkpoint, "disks": result}
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        if created_dir:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    finally:
+        os.umask(old_umask)

@@ -1,0 +1,144 @@
+"""Thin layer over libvirt; the only module that imports ``libvirt``.
+
+Every libvirt failure leaves as a libvbackup error carrying libvirt's own message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import libvirt
+
+from .errors import LibvirtError, NotFound, StateError
+
+log = logging.getLogger(__name__)
+
+# libvirt prints every error to stderr unless a handler is set; ours are reported once, by the CLI.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+DEFAULT_URI = "qemu:///system"
+
+
+def default_uri() -> str:
+    return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+def _msg(e: libvirt.libvirtError) -> str:
+    return (e.get_error_message() or str(e)).strip()
+
+
+class Domain:
+    def __init__(self, dom: "libvirt.virDomain"):
+        self._dom = dom
+        self.name = dom.name()
+
+    def is_running(self) -> bool:
+        try:
+            return bool(self._dom.isActive())
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"cannot query VM {self.name!r}: {_msg(e)}") from e
+
+    def xml(self) -> str:
+        return self._call("read the domain XML", self._dom.XMLDesc, 0)
+
+    def uuid(self) -> str:
+        return self._dom.UUIDString()
+
+    def checkpoint_names(self) -> list[str]:
+        return [c.getName() for c in self._call("list checkpoints", self._dom.listAllCheckpoints, 0)]
+
+    def checkpoint_xml(self, name: str) -> str:
+        chk = self._checkpoint(name)
+        return self._call(f"read checkpoint {name!r}", chk.getXMLDesc, 0)
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Delete one checkpoint (its bitmap's changes are merged into its parent by libvirt)."""
+        chk = self._checkpoint(name)
+        self._call(f"delete checkpoint {name!r}", chk.delete, 0)
+
+    def has_checkpoint(self, name: str) -> bool:
+        return name in self.checkpoint_names()
+
+    def _checkpoint(self, name: str):
+        try:
+            return self._dom.checkpointLookupByName(name, 0)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                raise NotFound(f"VM {self.name!r} has no checkpoint {name!r}") from e
+            raise LibvirtError(f"cannot look up checkpoint {name!r}: {_msg(e)}") from e
+
+    def backup_begin(self, backup_xml: str, checkpoint_xml: str | None) -> None:
+        self._call("start the backup job", self._dom.backupBegin, backup_xml, checkpoint_xml, 0)
+
+    def backup_xml(self) -> str:
+        return self._call("read the backup job", self._dom.backupGetXMLDesc, 0)
+
+    def job_stats(self) -> dict:
+        try:
+            return self._dom.jobStats(0)
+        except libvirt.libvirtError:
+            return {}
+
+    def has_backup_job(self) -> bool:
+        stats = self.job_stats()
+        return stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE and \
+            stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP
+
+    def abort_job(self, wait: float = 30.0) -> None:
+        """End the backup job (the normal end of a pull job) and wait until it is gone."""
+        try:
+            self._dom.abortJob()
+        except libvirt.libvirtError as e:
+            if self.has_backup_job():
+                raise LibvirtError(f"cannot end the backup job of VM {self.name!r}: {_msg(e)}") from e
+        deadline = time.monotonic() + wait
+        while self.has_backup_job():
+            if time.monotonic() > deadline:
+                raise LibvirtError(f"the backup job of VM {self.name!r} did not end within {wait:.0f} s")
+            time.sleep(0.05)
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as e:
+            code = e.get_error_code()
+            if code == libvirt.VIR_ERR_OPERATION_INVALID and not self._safe_active():
+                raise StateError(f"VM {self.name!r} is not running; cannot {what}") from e
+            raise LibvirtError(f"cannot {what} of VM {self.name!r}: {_msg(e)}") from e
+
+    def _safe_active(self) -> bool:
+        try:
+            return bool(self._dom.isActive())
+        except libvirt.libvirtError:
+            return False
+
+
+class Connection:
+    def __init__(self, uri: str | None = None):
+        self.uri = uri or default_uri()
+        try:
+            self._conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"cannot connect to libvirt at {self.uri}: {_msg(e)}") from e
+
+    def domain(self, name: str) -> Domain:
+        try:
+            return Domain(self._conn.lookupByName(name))
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFound(f"libvirt at {self.uri} has no VM named {name!r}") from e
+            raise LibvirtError(f"cannot look up VM {name!r}: {_msg(e)}") from e
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
