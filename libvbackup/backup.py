@@ -26,7 +26,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from . import domxml, manifest as mf, nbdio, qemuimg, xmlgen
 from .errors import Error, Interrupted, StateError, UsageError
@@ -125,8 +125,13 @@ def pull(
     scratch_dir: str | None = None,
     dry_run: bool = False,
     progress: str = "none",
+    on_job_started: Callable[[], None] | None = None,
 ) -> dict:
-    """Take a pull-mode backup of a running VM; returns a JSON-able summary."""
+    """Take a pull-mode backup of a running VM; returns a JSON-able summary.
+
+    ``on_job_started`` is called once the point in time is fixed (job and checkpoint exist)
+    and before copying starts: the place to thaw guest file systems frozen before the call.
+    """
     repository = Repository(repo)
     if dry_run:
         repository.check_readable()
@@ -149,7 +154,7 @@ def pull(
             recover(repository, vm, dom)
             # Plan again under the lock: another run may have changed the repository.
             domain_xml, docs, manifest = _prepare(dom, repository, **kw)
-            return _run(repository, dom, domain_xml, docs, manifest, progress)
+            return _run(repository, dom, domain_xml, docs, manifest, progress, on_job_started)
 
 
 @contextlib.contextmanager
@@ -203,7 +208,8 @@ def _make_run_dir(path: pathlib.Path) -> None:
 
 
 def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
-         manifest: mf.Manifest, progress_mode: str) -> dict:
+         manifest: mf.Manifest, progress_mode: str,
+         on_job_started: Callable[[], None] | None = None) -> dict:
     plan = docs.plan
     vm = plan.vm
     vm_dir = repository.ensure_vm_dir(vm)
@@ -224,6 +230,8 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
         log.info("starting %s backup %s of %s", plan.level, plan.checkpoint, vm)
         dom.backup_begin(docs.backup_xml, docs.checkpoint_xml)
         bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
+        if on_job_started is not None:
+            on_job_started()
 
         jobs = []
         for d in plan.disks:

@@ -1,0 +1,98 @@
+"""Helpers for integration tests: random guest writes, restore-and-compare, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+
+from libvbackup.restore import restore
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+def random_writes(disk, rng: random.Random, n: int = 12) -> None:
+    """Data at unaligned offsets, fills, zero writes with and without unmap, a tail write."""
+    size = disk.size
+    for _ in range(n):
+        kind = rng.choice(["data", "data", "fill", "zero", "zero-unmap", "tiny"])
+        if kind == "zero-unmap":  # cluster-aligned so qcow2 can really unmap
+            length = rng.choice([64, 128, 512]) * KiB
+            offset = rng.randrange(0, (size - length) // (64 * KiB)) * 64 * KiB
+        elif kind == "tiny":
+            length = rng.randint(1, 700)
+            offset = rng.randrange(0, size - length)
+        else:
+            length = rng.randint(1, 3 * 256 * KiB)
+            offset = rng.randrange(0, size - length)
+        if kind == "data" or kind == "tiny":
+            disk.write(offset, rng.randbytes(length))
+        elif kind == "fill":
+            disk.fill(offset, length, rng.randrange(1, 256))
+        else:
+            disk.zero(offset, length, unmap=(kind == "zero-unmap"))
+    # The last bytes of the disk, unaligned, so the end of the export is exercised.
+    tail = rng.randint(1, 5000)
+    disk.write(size - tail, rng.randbytes(tail))
+
+
+def first_difference(a: bytes, b: bytes) -> str:
+    if len(a) != len(b):
+        return f"sizes differ: {len(a)} != {len(b)}"
+    for i in range(0, len(a), 4096):
+        if a[i:i + 4096] != b[i:i + 4096]:
+            j = next(k for k in range(i, min(i + 4096, len(a))) if a[k] != b[k])
+            return f"first difference at byte {j}: got {a[j]:#x}, expected {b[j]:#x}"
+    return "equal"
+
+
+def read_image(path: pathlib.Path, fmt: str) -> bytes:
+    if fmt == "raw":
+        return path.read_bytes()
+    raw = path.with_suffix(".check.raw")
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(raw)], check=True)
+    try:
+        return raw.read_bytes()
+    finally:
+        raw.unlink()
+
+
+def assert_restores(repo, vm_name: str, checkpoint: str, expected: dict[str, bytes],
+                    workdir: pathlib.Path, fmt: str = "raw") -> None:
+    out = workdir / f"restore-{checkpoint}-{fmt}"
+    result = restore(vm_name, repo=str(repo), output=str(out), checkpoint=checkpoint, fmt=fmt)
+    try:
+        assert sorted(result["disks"]) == sorted(expected)
+        for target, data in expected.items():
+            path = out / f"{target}.{fmt}"
+            info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+                                             capture_output=True, text=True, check=True).stdout)
+            assert info["format"] == fmt and "backing-filename" not in info
+            got = read_image(path, fmt)
+            assert got == data, f"{checkpoint}/{target}: {first_difference(got, data)}"
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "libvbackup.cli.main", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def tree(path: pathlib.Path) -> dict:
+    """Every file below ``path`` with its size and content hash: to show nothing changed."""
+    import hashlib
+
+    out = {}
+    for p in sorted(path.rglob("*")):
+        rel = str(p.relative_to(path))
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def leftovers(scratch_base: str = "/var/tmp") -> list[str]:
+    return sorted(str(p) for p in pathlib.Path(scratch_base).glob("libvbackup-*"))

@@ -1,0 +1,178 @@
+"""Throwaway disk-only VMs on a real libvirtd, for the tests, the demo and the benchmark.
+
+Guest writes are made with HMP ``qemu-io`` on the disk's QOM path, so they pass through the
+backup's copy-before-write filter exactly like a guest's writes. Each write is confirmed in
+QEMU's log (qemu-io prints there, not to the monitor) and mirrored in a model of the disk
+(a bytearray), which is what restores are compared with.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+
+import libvirt
+import libvirt_qemu
+
+libvirt.registerErrorHandler(lambda _c, _e: None, None)
+
+URI = "qemu:///system"
+LOG_DIR = pathlib.Path("/var/log/libvirt/qemu")
+
+
+def fix_kvm_node() -> None:
+    """Give /dev/kvm Debian's usual root:kvm 0660 when it is root-only (no udev here).
+
+    libvirt 9.0 probes QEMU as root (the capabilities say "kvm") but checks KVM as the
+    libvirt-qemu user; when the two disagree it throws its capabilities cache away and
+    re-probes QEMU (about 40 s) on every domain define.
+    """
+    import grp
+    import stat
+
+    try:
+        st = os.stat("/dev/kvm")
+        kvm_gid = grp.getgrnam("kvm").gr_gid
+    except (OSError, KeyError):
+        return
+    if st.st_gid == 0 and not st.st_mode & stat.S_IRWXG and os.geteuid() == 0:
+        os.chown("/dev/kvm", 0, kvm_gid)
+        os.chmod("/dev/kvm", 0o660)
+
+
+def ensure_libvirtd(uri: str = URI, timeout: float = 30.0) -> libvirt.virConnect:
+    """Connect to libvirtd, starting virtlogd and libvirtd (no systemd here) if needed."""
+    fix_kvm_node()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError:
+        pass
+    os.makedirs("/run/libvirt", exist_ok=True)
+    for daemon in ("virtlogd", "libvirtd"):
+        if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
+            subprocess.run([daemon, "-d"], check=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return libvirt.open(uri)
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class LabDisk:
+    def __init__(self, vm: "LabVM", index: int, target: str, size: int, fmt: str):
+        self.vm, self.index, self.target, self.size, self.fmt = vm, index, target, size, fmt
+        self.path = vm.workdir / f"{target}.{fmt}"
+        self.model = bytearray(size)
+        self.qom = f"/machine/peripheral/virtio-disk{index}/virtio-backend"
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write arbitrary bytes at any offset (unaligned is fine)."""
+        pat = self.vm.workdir / f"pattern-{uuid.uuid4().hex}.bin"
+        pat.write_bytes(data)
+        os.chmod(pat, 0o644)
+        try:
+            self.vm.qemu_io(self, f"write -s {pat} {offset} {len(data)}", offset, len(data))
+        finally:
+            pat.unlink()
+        self.model[offset:offset + len(data)] = data
+
+    def fill(self, offset: int, length: int, byte: int) -> None:
+        self.vm.qemu_io(self, f"write -P {byte:#x} {offset} {length}", offset, length)
+        self.model[offset:offset + length] = bytes([byte]) * length
+
+    def zero(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Write zeroes; with ``unmap`` qcow2 may turn the range into zero clusters."""
+        flags = "-z -u" if unmap else "-z"
+        self.vm.qemu_io(self, f"write {flags} {offset} {length}", offset, length)
+        self.model[offset:offset + length] = bytes(length)
+
+    def snapshot(self) -> bytes:
+        return bytes(self.model)
+
+
+class LabVM:
+    """A persistent domain with only disks; ``destroy()`` removes it and everything it made."""
+
+    def __init__(self, disks: list[tuple[int, str]], name: str | None = None,
+                 conn: libvirt.virConnect | None = None, base: str = "/var/tmp"):
+        self.conn = conn or ensure_libvirtd()
+        self.name = name or f"lvbtest-{uuid.uuid4().hex[:8]}"
+        # QEMU (user libvirt-qemu) must reach the images and pattern files.
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=base))
+        os.chmod(self.workdir, 0o755)
+        self.disks = [LabDisk(self, i, f"vd{chr(ord('a') + i)}", size, fmt)
+                      for i, (size, fmt) in enumerate(disks)]
+        self.dom: libvirt.virDomain | None = None
+        self._log = LOG_DIR / f"{self.name}.log"
+        self._log_pos = 0
+
+    def domain_xml(self, extra_devices: str = "") -> str:
+        devs = "".join(
+            f"<disk type='file' device='disk'><driver name='qemu' type='{d.fmt}'/>"
+            f"<source file='{d.path}'/><target dev='{d.target}' bus='virtio'/></disk>"
+            for d in self.disks
+        )
+        return (f"<domain type='qemu'><name>{self.name}</name><memory unit='MiB'>64</memory>"
+                f"<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>"
+                f"<devices>{devs}{extra_devices}</devices></domain>")
+
+    def start(self, extra_devices: str = "") -> "LabVM":
+        for d in self.disks:
+            subprocess.run(["qemu-img", "create", "-q", "-f", d.fmt, str(d.path), str(d.size)], check=True)
+        self.dom = self.conn.defineXML(self.domain_xml(extra_devices))
+        self._log_pos = self._log.stat().st_size if self._log.exists() else 0
+        self.dom.create()
+        return self
+
+    def __getitem__(self, target: str) -> LabDisk:
+        return next(d for d in self.disks if d.target == target)
+
+    def hmp(self, cmd: str) -> str:
+        return libvirt_qemu.qemuMonitorCommand(self.dom, cmd, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+    def qemu_io(self, disk: LabDisk, cmd: str, offset: int, length: int) -> None:
+        out = self.hmp(f'qemu-io -d {disk.qom} "{cmd}"')
+        if out.strip():
+            raise RuntimeError(f"qemu-io {cmd!r} on {disk.target}: {out.strip()}")
+        expect = f"wrote {length}/{length} bytes at offset {offset}"
+        deadline = time.monotonic() + 10
+        while True:
+            text = self._log.read_text(errors="replace")[self._log_pos:]
+            at = text.find(expect)
+            if at >= 0:
+                self._log_pos += at + len(expect)
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"qemu-io {cmd!r} on {disk.target} was not confirmed: {text[-300:]!r}")
+            time.sleep(0.02)
+
+    def checkpoints(self) -> list[str]:
+        return sorted(c.getName() for c in self.dom.listAllCheckpoints(0))
+
+    def has_job(self) -> bool:
+        return self.dom.jobStats(0).get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE
+
+    def destroy(self) -> None:
+        try:
+            dom = self.conn.lookupByName(self.name)
+        except libvirt.libvirtError:
+            dom = None
+        if dom is not None:
+            try:
+                if dom.isActive():
+                    dom.destroy()
+            except libvirt.libvirtError:
+                pass
+            try:
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            except libvirt.libvirtError:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
