@@ -86,7 +86,7 @@ def restore(
     created_dir = False
     if not out.exists():
         try:
-            out.mkdir(mode=0o700)
+            out.mkdir(mode=0o700, parents=True)
         except OSError as e:
             raise UsageError(f"cannot create output directory {out}: {e.strerror}") from e
         created_dir = True

@@ -161,18 +161,22 @@ class LabVM:
         return self.dom.jobStats(0).get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE
 
     def destroy(self) -> None:
-        try:
-            dom = self.conn.lookupByName(self.name)
-        except libvirt.libvirtError:
-            dom = None
-        if dom is not None:
-            try:
-                if dom.isActive():
-                    dom.destroy()
-            except libvirt.libvirtError:
-                pass
-            try:
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-            except libvirt.libvirtError:
-                pass
+        remove_domain(self.conn, self.name)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def remove_domain(conn: libvirt.virConnect, name: str) -> None:
+    """Stop and undefine a domain (with its checkpoint metadata), if it exists."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError:
+        pass
+    try:
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    except libvirt.libvirtError:
+        pass
