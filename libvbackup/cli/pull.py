@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 
 from ..backup import pull as pull_op
+from ..errors import UsageError
 from .common import JsonOpt, RepoOpt, UriOpt, as_list, emit_json, human, repo_path
 
 
@@ -50,7 +51,7 @@ def pull(
     json_out: bool = JsonOpt,
 ) -> None:
     if progress not in ("auto", "bar", "plain", "none"):
-        raise typer.BadParameter("use auto, bar, plain or none", param_hint="--progress")
+        raise UsageError(f"--progress {progress!r}: use auto, bar, plain or none")
     if progress == "auto":
         progress = "bar" if sys.stderr.isatty() and not json_out else "none"
     result = pull_op(
