@@ -14,7 +14,6 @@ incremental may build on it), and the partial images and scratch files are remov
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -308,34 +307,46 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
 
 
 def _copy_all(jobs, progress_mode: str) -> dict[str, nbdio.CopyStats]:
-    """Copy every disk at once, one thread each; the first failure stops the others."""
+    """Copy every disk at once, one thread each; the first failure stops the others.
+
+    Daemon threads with a bounded join: an interrupted run must clean up and exit even when
+    a copy thread is stuck (a hung NBD server), instead of waiting for it forever.
+    """
     stop = threading.Event()
     prog = Progress(progress_mode)
-    for d, src, _dst, _bitmap, size in jobs:
-        prog.add(d.name, size)
+    results: dict[str, nbdio.CopyStats] = {}
+    errors: list[BaseException] = []
 
     def one(d, src, dst, bitmap):
         try:
-            st = nbdio.copy(src, dst, bitmap=bitmap, target_is_zero=d.full,
-                            progress=prog.callback(d.name), should_stop=stop.is_set)
-            dst.flush()
-            return st
-        except BaseException:
+            results[d.name] = nbdio.copy(src, dst, bitmap=bitmap, target_is_zero=d.full,
+                                         progress=prog.callback(d.name), should_stop=stop.is_set)
+            nbdio.close(dst, flush=True)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            if not stop.is_set():
+                errors.append(e)
             stop.set()
-            raise
 
-    with prog, concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs) or 1) as pool:
-        futures = {pool.submit(one, d, src, dst, bitmap): d.name for d, src, dst, bitmap, _ in jobs}
+    for d, src, _dst, _bitmap, size in jobs:
+        prog.add(d.name, size)
+    threads = [threading.Thread(target=one, args=(d, src, dst, bitmap), name=f"copy-{d.name}", daemon=True)
+               for d, src, dst, bitmap, _ in jobs]
+    with prog:
+        for t in threads:
+            t.start()
         try:
-            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
         except BaseException:
             stop.set()
+            deadline = time.monotonic() + 10
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
             raise
-        finally:
-            if any(f.done() and f.exception() for f in futures):
-                stop.set()
-            concurrent.futures.wait(futures)
-        return {name: f.result() for f, name in futures.items()}
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _remove_tree(path: pathlib.Path) -> None:

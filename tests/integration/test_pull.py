@@ -141,3 +141,31 @@ def test_disk_selection_and_json_cli(vm, repo, workdir):
     # Repository files are private.
     for p in (repo / vm.name).rglob("*"):
         assert p.stat().st_mode & 0o077 == 0, p
+
+
+def test_dry_run_prints_schema_valid_xml_and_starts_nothing(vm, repo):
+    from lxml import etree
+
+    from .helpers import cli, tree
+
+    schemas = {name: etree.RelaxNG(etree.parse(f"/usr/share/libvirt/schemas/{name}.rng"))
+               for name in ("domainbackup", "domaincheckpoint")}
+    pull(vm.name, repo=str(repo), checkpoint="base")
+    before = (tree(repo), vm.checkpoints())
+    for extra in ([], ["--incremental", "base"], ["--incremental", "base", "--disk", "vdc"]):
+        res = cli("pull", vm.name, "--repo", str(repo), "--checkpoint", "next", "--dry-run", "--json", *extra)
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        backup_doc = etree.fromstring(out["backup_xml"].encode())
+        chk_doc = etree.fromstring(out["checkpoint_xml"].encode())
+        assert schemas["domainbackup"].validate(backup_doc), schemas["domainbackup"].error_log
+        assert schemas["domaincheckpoint"].validate(chk_doc), schemas["domaincheckpoint"].error_log
+        assert chk_doc.findtext("name") == "next"
+        inc = backup_doc.findtext("incremental")
+        assert inc == ("base" if extra and "--disk" not in extra else None)
+    # The text form shows the same documents.
+    res = cli("pull", vm.name, "--repo", str(repo), "--dry-run", "--incremental", "base")
+    assert res.returncode == 0 and "<domainbackup" in res.stdout and "<domaincheckpoint>" in res.stdout
+    assert "vdc: full (raw-format disk holds no dirty bitmap)" in res.stdout
+    assert (tree(repo), vm.checkpoints()) == before
+    assert not vm.has_job() and leftovers() == []
