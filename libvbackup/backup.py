@@ -28,7 +28,7 @@ import time
 from typing import Callable, Iterator, Sequence
 
 from . import domxml, manifest as mf, nbdio, qemuimg, xmlgen
-from .errors import Error, Interrupted, StateError, UsageError
+from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
 from .plan import BackupPlan, plan_backup
 from .progress import Progress
 from .repo import Repository, fsync_dir
@@ -103,11 +103,20 @@ def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental,
     if not dom.is_running():
         raise StateError(f"VM {vm!r} is not running; a pull backup needs a running VM",
                          f"start it with: virsh start {vm}")
+    if dom.has_backup_job():
+        raise StateError(f"VM {vm!r} already has a backup job running (another tool's?)",
+                         f"end it with: virsh domjobabort {vm}")
     domain_xml = dom.xml()
     chosen = domxml.select_disks(domxml.parse_disks(domain_xml), disks, exclude)
     manifest = repository.load(vm)
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=dom.checkpoint_names(),
                        checkpoint=checkpoint, incremental=incremental)
+    for d in plan.disks:
+        if d.backing and not repository.image(vm, d.backing).is_file():
+            raise RepositoryError(
+                f"image {repository.image(vm, d.backing)} of point {plan.parent!r} is missing",
+                "run a full backup (without --incremental) to start a new chain",
+            )
     run_dir = _scratch_base(scratch_dir) / f"libvbackup-{vm}-{plan.checkpoint}"
     return domain_xml, documents(plan, run_dir), manifest
 
@@ -368,10 +377,12 @@ def cleanup(repository: Repository, vm: str, dom: Domain | None, state: dict) ->
     chk = state.get("checkpoint")
     manifest = repository.load(vm)
     completed = chk is not None and manifest.find(chk) is not None
-    if state.get("job") and dom is not None:
-        if dom.has_backup_job():
-            dom.abort_job()
-        if chk and not completed and dom.has_checkpoint(chk):
+    # backupBegin creates the job and our (uniquely named) checkpoint together: the job is
+    # ours only if that checkpoint exists. Another tool's job is never aborted.
+    if state.get("job") and dom is not None and chk and dom.has_checkpoint(chk):
+        if not completed:
+            if dom.has_backup_job():
+                dom.abort_job()
             log.info("deleting checkpoint %s of an incomplete backup", chk)
             dom.delete_checkpoint(chk)
     for key in ("partial",) + (() if completed else ("final",)):

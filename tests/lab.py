@@ -70,7 +70,8 @@ class LabDisk:
     def __init__(self, vm: "LabVM", index: int, target: str, size: int, fmt: str):
         self.vm, self.index, self.target, self.size, self.fmt = vm, index, target, size, fmt
         self.path = vm.workdir / f"{target}.{fmt}"
-        self.model = bytearray(size)
+        # The model costs the disk's size in memory; the benchmark turns it off.
+        self.model = bytearray(size) if vm.track else None
         self.qom = f"/machine/peripheral/virtio-disk{index}/virtio-backend"
 
     def write(self, offset: int, data: bytes) -> None:
@@ -82,17 +83,20 @@ class LabDisk:
             self.vm.qemu_io(self, f"write -s {pat} {offset} {len(data)}", offset, len(data))
         finally:
             pat.unlink()
-        self.model[offset:offset + len(data)] = data
+        if self.model is not None:
+            self.model[offset:offset + len(data)] = data
 
     def fill(self, offset: int, length: int, byte: int) -> None:
         self.vm.qemu_io(self, f"write -P {byte:#x} {offset} {length}", offset, length)
-        self.model[offset:offset + length] = bytes([byte]) * length
+        if self.model is not None:
+            self.model[offset:offset + length] = bytes([byte]) * length
 
     def zero(self, offset: int, length: int, unmap: bool = False) -> None:
         """Write zeroes; with ``unmap`` qcow2 may turn the range into zero clusters."""
         flags = "-z -u" if unmap else "-z"
         self.vm.qemu_io(self, f"write {flags} {offset} {length}", offset, length)
-        self.model[offset:offset + length] = bytes(length)
+        if self.model is not None:
+            self.model[offset:offset + length] = bytes(length)
 
     def snapshot(self) -> bytes:
         return bytes(self.model)
@@ -102,8 +106,9 @@ class LabVM:
     """A persistent domain with only disks; ``destroy()`` removes it and everything it made."""
 
     def __init__(self, disks: list[tuple[int, str]], name: str | None = None,
-                 conn: libvirt.virConnect | None = None, base: str = "/var/tmp"):
+                 conn: libvirt.virConnect | None = None, base: str = "/var/tmp", track: bool = True):
         self.conn = conn or ensure_libvirtd()
+        self.track = track
         self.name = name or f"lvbtest-{uuid.uuid4().hex[:8]}"
         # QEMU (user libvirt-qemu) must reach the images and pattern files.
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=base))
@@ -124,9 +129,13 @@ class LabVM:
                 f"<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>"
                 f"<devices>{devs}{extra_devices}</devices></domain>")
 
-    def start(self, extra_devices: str = "") -> "LabVM":
+    def create_images(self) -> None:
         for d in self.disks:
             subprocess.run(["qemu-img", "create", "-q", "-f", d.fmt, str(d.path), str(d.size)], check=True)
+
+    def start(self, extra_devices: str = "", images_ready: bool = False) -> "LabVM":
+        if not images_ready:
+            self.create_images()
         self.dom = self.conn.defineXML(self.domain_xml(extra_devices))
         self._log_pos = self._log.stat().st_size if self._log.exists() else 0
         self.dom.create()

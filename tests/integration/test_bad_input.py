@@ -138,3 +138,33 @@ def test_vm_not_running(lab, workdir):
         assert list(workdir.iterdir()) == [] and vm.checkpoints() == []
     finally:
         vm.destroy()
+
+
+def test_another_tools_backup_job_is_refused_and_left_alone(env):
+    vm = env["vm"]
+    run = env["base"] / "foreign"
+    run.mkdir()
+    import pwd
+
+    qemu = pwd.getpwnam("libvirt-qemu")
+    os.chown(run, qemu.pw_uid, qemu.pw_gid)
+    vm.dom.backupBegin(f"<domainbackup mode='pull'><server transport='unix' socket='{run}/s.sock'/>"
+                       f"<disks><disk name='vda' backup='yes' type='file'><scratch file='{run}/vda.q'/>"
+                       "</disk></disks></domainbackup>", None, 0)
+    try:
+        check_refused(env, ["pull", "{vm}", "--repo", "{repo}"], 4, "already has a backup job")
+        assert vm.has_job()  # still there: not ours to abort
+    finally:
+        vm.dom.abortJob()
+
+
+def test_missing_parent_image_is_refused(env):
+    image = env["repo"] / env["vm"].name / "c1" / "vda.qcow2"
+    hidden = image.with_name("vda.hidden")
+    image.rename(hidden)
+    try:
+        check_refused(env, ["pull", "{vm}", "--repo", "{repo}", "--incremental", "c1"], 5, "missing")
+        check_refused(env, ["restore", "{vm}", "--repo", "{repo}", "--checkpoint", "c1", "--output",
+                            "{base}/o-missing"], 5, "missing")
+    finally:
+        hidden.rename(image)

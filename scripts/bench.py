@@ -1,0 +1,191 @@
+"""Benchmark: libvbackup vs the pipelines an admin would script by hand, alternating A B A B.
+
+All backups are durable when the command returns (flushed), like nbdcopy --flush and
+qemu-img convert. Printed: medians of wall time and peak RSS, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from tests import lab  # noqa: E402
+
+MiB = 1 << 20
+CLI = str(pathlib.Path(sys.executable).parent / "libvbackup")
+
+
+# A small launcher runs each measured command and reports its peak RSS: measured from this
+# (larger) process, a child's peak would include the pages it shared with us before exec.
+LAUNCHER = (
+    "import os, sys, time\n"
+    "t = time.perf_counter()\n"
+    "pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)\n"
+    "_, status, ru = os.wait4(pid, 0)\n"
+    "print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)\n"
+)
+
+
+def timed(argv: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of the largest process the command waited for."""
+    p = subprocess.run(["/usr/bin/python3", "-c", LAUNCHER, *argv], capture_output=True, text=True)
+    elapsed, rss, code = p.stderr.strip().splitlines()[-1].split()
+    if int(code) != 0:
+        raise SystemExit(f"bench: {' '.join(argv)} failed ({code}): {p.stderr[-500:]}")
+    return float(elapsed), int(rss)
+
+
+def populate(image: pathlib.Path, data_mib: int, disk_mib: int, rng: random.Random) -> None:
+    """Incompressible data in 64 MiB pieces spread over the disk, with holes between them."""
+    pieces = max(1, data_mib // 64)
+    stride = disk_mib // pieces
+    cmds = []
+    for i in range(pieces):
+        chunk_i = image.parent / f"chunk{i}.bin"
+        chunk_i.write_bytes(rng.randbytes(64 * MiB))
+        cmds += ["-c", f"write -s {chunk_i} {i * stride * MiB} {64 * MiB}"]
+    subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(image)], check=True, capture_output=True)
+    for f in image.parent.glob("chunk*.bin"):
+        f.unlink()
+
+
+def dirty(vm, disk_mib: int, rng: random.Random, fraction: float = 0.01, extents: int = 64) -> int:
+    """Random data over ``fraction`` of the disk, in ``extents`` scattered pieces."""
+    each = int(disk_mib * MiB * fraction / extents) // 65536 * 65536
+    slots = rng.sample(range(disk_mib * MiB // each), extents)
+    for s in slots:
+        vm.disks[0].write(s * each, rng.randbytes(each))
+    return each * extents
+
+
+def pull_xml(sock: str) -> str:
+    return (f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/>"
+            f"<disks><disk name='vda' backup='yes' type='file'><scratch file='{pathlib.Path(sock).parent}/s.qcow2'/>"
+            f"</disk></disks></domainbackup>")
+
+
+def hand_pipeline(vm, work: pathlib.Path, copier: str) -> tuple[float, int]:
+    """virsh backup-begin; nbdcopy --flush (or qemu-img convert) of the export; domjobabort."""
+    run = work / "hand"
+    run.mkdir(mode=0o700)
+    os.chown(run, *qemu_ids())
+    (work / "hand.xml").write_text(pull_xml(str(run / "nbd.sock")))
+    uri = f"nbd+unix:///vda?socket={run}/nbd.sock"
+    out = work / "hand.out"
+    if copier == "nbdcopy":
+        copy = f"nbdcopy --flush '{uri}' {out}"
+    else:
+        # -t writeback: by default qemu-img convert writes with cache=unsafe and does not flush.
+        copy = f"qemu-img convert -t writeback -f raw -O qcow2 '{uri}' {out}"
+    script = (f"set -e; virsh -q backup-begin {vm.name} {work}/hand.xml >/dev/null; {copy}; "
+              f"virsh -q domjobabort {vm.name} >/dev/null")
+    try:
+        return timed(["bash", "-c", script])
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+        out.unlink(missing_ok=True)
+
+
+def qemu_ids() -> tuple[int, int]:
+    import pwd
+
+    pw = pwd.getpwnam("libvirt-qemu")
+    return pw.pw_uid, pw.pw_gid
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data-mib", type=int, default=1024)
+    ap.add_argument("--disk-mib", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    rng = random.Random(42)
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    vm = lab.LabVM([(args.disk_mib * MiB, "qcow2")], name="libvbackup-bench", track=False)
+    lab.remove_domain(vm.conn, vm.name)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="libvbackup-bench-", dir="/var/tmp"))
+    os.chmod(work, 0o711)  # QEMU must reach the hand-made pipeline's socket directory
+    res: dict[str, list] = {}
+
+    def add(key, value):
+        res.setdefault(key, []).append(value)
+
+    try:
+        vm.create_images()
+        log(f"bench: writing {args.data_mib} MiB of random data into a {args.disk_mib} MiB disk")
+        populate(vm.disks[0].path, args.data_mib, args.disk_mib, rng)
+        vm.start(images_ready=True)
+        for r in range(args.rounds):
+            log(f"bench: round {r + 1}/{args.rounds}")
+            repo = work / f"repo{r}"
+            repo.mkdir(mode=0o700)
+            pull = [CLI, "pull", vm.name, "--repo", str(repo), "--progress", "none"]
+            add("full_libvbackup", timed(pull + ["--checkpoint", f"b{r}-full"]))
+            add("full_nbdcopy", hand_pipeline(vm, work, "nbdcopy"))
+            add("full_qemu_img", hand_pipeline(vm, work, "qemu-img"))
+            add("inc_empty", timed(pull + ["--checkpoint", f"b{r}-i0", "--incremental", f"b{r}-full"]))
+            dirty_bytes = dirty(vm, args.disk_mib, rng)
+            add("inc_1pct", timed(pull + ["--checkpoint", f"b{r}-i1", "--incremental", f"b{r}-i0"]))
+            top = repo / vm.name / f"b{r}-i1" / "vda.qcow2"
+            out = work / "restore"
+            add("restore_libvbackup", timed([CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint",
+                                             f"b{r}-i1", "--output", str(out)]))
+            shutil.rmtree(out)
+            add("restore_qemu_img", timed(["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qcow2", str(top),
+                                           str(work / "ref.qcow2")]))
+            (work / "ref.qcow2").unlink()
+            shutil.rmtree(repo)
+            for c in vm.checkpoints():
+                vm.dom.checkpointLookupByName(c).delete(0)
+    finally:
+        vm.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v[0] for v in vals) for k, vals in res.items()}
+    rss = {k: max(v[1] for v in vals) for k, vals in res.items()}
+    data = args.data_mib * MiB
+    best_hand = min(med["full_nbdcopy"], med["full_qemu_img"])
+    full_per_byte = med["full_libvbackup"] / data
+    inc_per_byte = max(med["inc_1pct"] - med["inc_empty"], 0) / dirty_bytes
+    ratios = {
+        "full_vs_best_hand": med["full_libvbackup"] / best_hand,
+        "full_vs_nbdcopy": med["full_libvbackup"] / med["full_nbdcopy"],
+        "full_vs_qemu_img": med["full_libvbackup"] / med["full_qemu_img"],
+        "inc_cost_per_dirty_byte_vs_full_per_data_byte": inc_per_byte / full_per_byte,
+        "restore_vs_qemu_img": med["restore_libvbackup"] / med["restore_qemu_img"],
+    }
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {platform.release()}",
+        "data_mib": args.data_mib, "disk_mib": args.disk_mib, "rounds": args.rounds,
+        "dirty_bytes": dirty_bytes,
+        "median_seconds": med, "peak_rss_kib": rss, "ratios": ratios,
+    }
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"libvbackup benchmark, {report['date']}, {report['machine']}")
+    print(f"{args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 disk, {args.rounds} rounds, medians")
+    for k in med:
+        print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB")
+    for k, v in ratios.items():
+        print(f"  {k:<48} {v:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
