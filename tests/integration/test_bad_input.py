@@ -144,6 +144,7 @@ def test_another_tools_backup_job_is_refused_and_left_alone(env):
     vm = env["vm"]
     run = env["base"] / "foreign"
     run.mkdir()
+    os.chmod(env["base"], 0o711)  # QEMU must reach the other tool's scratch directory
     import pwd
 
     qemu = pwd.getpwnam("libvirt-qemu")
