@@ -17,7 +17,7 @@ class Disk:
     target: str  # target dev, e.g. "vda": the name libvirt uses in backup XML and NBD exports
     device: str  # disk, cdrom, floppy, lun
     format: str | None  # driver type: qcow2, raw, ...
-    source: str | None  # file or block device path, None for network or empty drives
+    source: str | None  # file, block device, network name or volume; None for an empty drive
     readonly: bool = False
     shareable: bool = False
 

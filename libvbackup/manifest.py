@@ -90,21 +90,66 @@ def dumps(m: Manifest) -> str:
 
 
 def _req(d: dict, key: str, kind: type | tuple, where: str) -> Any:
-    if key not in d or not isinstance(d[key], kind):
+    if key not in d or not isinstance(d[key], kind) or (kind is int and isinstance(d[key], bool)):
         raise RepositoryError(f"manifest {where}: field {key!r} is missing or malformed")
     return d[key]
+
+
+def _opt(d: dict, key: str, kind: type | tuple, where: str, default: Any) -> Any:
+    if key not in d:
+        return default
+    value = d[key]
+    if value is None and default is None:
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise RepositoryError(f"manifest {where}: field {key!r} is malformed")
+    return value
+
+
+def _disk(name: str, dd: Any, at: str) -> PointDisk:
+    where = f"{at} disk {name!r}"
+    if not isinstance(dd, dict):
+        raise RepositoryError(f"manifest {where} is not an object")
+    return PointDisk(
+        name=name,
+        image=_req(dd, "image", str, where),
+        backing=_opt(dd, "backing", str, where, None),
+        size=_req(dd, "size", int, where),
+        bytes_copied=_opt(dd, "bytes_copied", int, where, 0),
+        bytes_zeroed=_opt(dd, "bytes_zeroed", int, where, 0),
+        bitmap=_opt(dd, "bitmap", bool, where, True),
+        source_format=_opt(dd, "source_format", str, where, None),
+    )
+
+
+def _point(raw: Any, at: str) -> Point:
+    if not isinstance(raw, dict):
+        raise RepositoryError(f"manifest {at} is not an object")
+    disks = {name: _disk(name, dd, at) for name, dd in _req(raw, "disks", dict, at).items()}
+    return Point(
+        checkpoint=_req(raw, "checkpoint", str, at),
+        parent=_opt(raw, "parent", str, at, None),
+        level=_req(raw, "level", str, at),
+        mode=_opt(raw, "mode", str, at, "pull"),
+        started=_opt(raw, "started", str, at, ""),
+        completed=_opt(raw, "completed", str, at, ""),
+        seconds=_opt(raw, "seconds", (int, float), at, 0.0),
+        disks=disks,
+        domain_xml=_opt(raw, "domain_xml", str, at, ""),
+        checkpoint_xml=_opt(raw, "checkpoint_xml", str, at, ""),
+    )
 
 
 def loads(text: str, where: str = "manifest.json") -> Manifest:
     """Parse a manifest; anything malformed is a RepositoryError naming the problem."""
     try:
         doc = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise RepositoryError(f"{where} is not valid JSON: {e}") from e
     if not isinstance(doc, dict):
         raise RepositoryError(f"{where} is not a JSON object")
     fmt = doc.get("format")
-    if not isinstance(fmt, int):
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
         raise RepositoryError(f"{where} has no format version")
     if fmt > FORMAT:
         raise RepositoryError(
@@ -113,31 +158,13 @@ def loads(text: str, where: str = "manifest.json") -> Manifest:
         )
     vm = _req(doc, "vm", str, where)
     points = []
-    names = set()
+    names: set[str] = set()
     for i, raw in enumerate(_req(doc, "points", list, where)):
-        at = f"{where} point {i}"
-        if not isinstance(raw, dict):
-            raise RepositoryError(f"{at} is not an object")
-        disks = {}
-        for dname, dd in _req(raw, "disks", dict, at).items():
-            if not isinstance(dd, dict):
-                raise RepositoryError(f"{at} disk {dname!r} is not an object")
-            try:
-                disks[dname] = PointDisk(**{k: dd[k] for k in dd if k in PointDisk.__dataclass_fields__})
-            except TypeError as e:
-                raise RepositoryError(f"{at} disk {dname!r} is incomplete: {e}") from e
-            for key in ("image", "size"):
-                _req(dd, key, (str,) if key == "image" else (int,), f"{at} disk {dname!r}")
-        fields = {k: raw[k] for k in raw if k in Point.__dataclass_fields__ and k != "disks"}
-        try:
-            p = Point(disks=disks, **fields)
-        except TypeError as e:
-            raise RepositoryError(f"{at} is incomplete: {e}") from e
-        _req(raw, "checkpoint", str, at)
+        p = _point(raw, f"{where} point {i}")
         if p.checkpoint in names:
             raise RepositoryError(f"{where} lists point {p.checkpoint!r} twice")
         if p.parent is not None and p.parent not in names:
-            raise RepositoryError(f"{at} ({p.checkpoint}) names parent {p.parent!r}, which precedes it nowhere")
+            raise RepositoryError(f"{where} point {p.checkpoint!r} names parent {p.parent!r}, which precedes it nowhere")
         names.add(p.checkpoint)
         points.append(p)
     uuid = doc.get("uuid")

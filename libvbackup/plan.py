@@ -17,7 +17,9 @@ from .domxml import Disk
 from .errors import NotFound, StateError, UsageError
 from .manifest import Manifest
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+# A subset of libvirt's checkpointName ([a-zA-Z0-9_-][a-zA-Z0-9_.-]*): no leading '-' either,
+# so that a name is never taken for an option. Used with fullmatch: '$' would accept a "\n".
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +55,9 @@ def default_checkpoint_name(now: float | None = None, taken: Collection[str] = (
 
 
 def check_name(name: str, what: str = "checkpoint name") -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise UsageError(
-            f"invalid {what} {name!r}: use letters, digits, '.', '_', '+', '-' "
+            f"invalid {what} {name!r}: use letters, digits, '.', '_', '-' "
             "(at most 100, not starting with a dot or dash)"
         )
     return name
