@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable, Iterator, Sequence
 
-from . import domxml, manifest as mf, nbdio, qemuimg, xmlgen
+from . import checksum, domxml, manifest as mf, nbdio, qemuimg, xmlgen
 from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
 from .plan import BackupPlan, plan_backup
 from .progress import Progress
@@ -253,9 +253,13 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
             qemuimg.create(str(image), size, backing=f"../{d.backing}" if d.backing else None)
             dst = nbdio.open_image(str(image))
             handles.append(dst)
-            jobs.append((d, src, dst, bitmap, size))
+            parent_sums = _parent_sums(repository, vm, manifest, plan, d.name, size) if not d.full else None
+            hasher = checksum.BlockHasher(size, parent_sums=parent_sums)
+            jobs.append((d, src, dst, bitmap, size, hasher))
 
         stats = _copy_all(jobs, progress_mode)
+        for d, _s, _d, _b, _size, hasher in jobs:
+            _write_private(partial / f"{d.name}.sums", bytes(hasher.sums))
         for h in handles:
             nbdio.close(h)
         handles.clear()  # frees the handles: the qemu-nbd children exit
@@ -269,8 +273,9 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
                 name=d.name, image=f"{plan.checkpoint}/{d.name}.qcow2", backing=d.backing,
                 size=size, bytes_copied=stats[d.name].bytes_copied,
                 bytes_zeroed=stats[d.name].bytes_zeroed, bitmap=d.bitmap, source_format=d.format,
+                blkhash=checksum.digest_of(hasher.sums), block_size=hasher.block,
             )
-            for d, _s, _d, _b, size in jobs
+            for d, _s, _d, _b, size, hasher in jobs
         }
         seconds = round(time.monotonic() - t0, 3)
         point = mf.Point(
@@ -326,20 +331,22 @@ def _copy_all(jobs, progress_mode: str) -> dict[str, nbdio.CopyStats]:
     results: dict[str, nbdio.CopyStats] = {}
     errors: list[BaseException] = []
 
-    def one(d, src, dst, bitmap):
+    def one(d, src, dst, bitmap, hasher):
         try:
             results[d.name] = nbdio.copy(src, dst, bitmap=bitmap, target_is_zero=d.full,
-                                         progress=prog.callback(d.name), should_stop=stop.is_set)
+                                         progress=prog.callback(d.name), should_stop=stop.is_set,
+                                         hasher=hasher)
             nbdio.close(dst, flush=True)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             if not stop.is_set():
                 errors.append(e)
             stop.set()
 
-    for d, src, _dst, _bitmap, size in jobs:
+    for d, src, _dst, _bitmap, size, _hasher in jobs:
         prog.add(d.name, size)
-    threads = [threading.Thread(target=one, args=(d, src, dst, bitmap), name=f"copy-{d.name}", daemon=True)
-               for d, src, dst, bitmap, _ in jobs]
+    threads = [threading.Thread(target=one, args=(d, src, dst, bitmap, hasher), name=f"copy-{d.name}",
+                                daemon=True)
+               for d, src, dst, bitmap, _, hasher in jobs]
     with prog:
         for t in threads:
             t.start()
@@ -356,6 +363,30 @@ def _copy_all(jobs, progress_mode: str) -> dict[str, nbdio.CopyStats]:
     if errors:
         raise errors[0]
     return results
+
+
+def _write_private(path: pathlib.Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _parent_sums(repository: Repository, vm: str, manifest: mf.Manifest, plan: BackupPlan,
+                 disk: str, size: int) -> bytes:
+    """The parent point's block digests of ``disk``, checked against the manifest."""
+    pd = manifest.get(plan.parent).disks[disk]
+    path = repository.image(vm, pd.image).with_suffix(".sums")
+    try:
+        sums = path.read_bytes()
+    except OSError as e:
+        raise RepositoryError(f"cannot read checksums {path}: {e.strerror}",
+                              "run a full backup (without --incremental) to start a new chain") from e
+    if pd.blkhash != checksum.digest_of(sums) or len(sums) != checksum.block_count(size) * checksum.DIGEST:
+        raise RepositoryError(f"checksums {path} do not match the manifest (corrupted?)",
+                              "run 'libvbackup verify', then a full backup")
+    return sums
 
 
 def _remove_tree(path: pathlib.Path) -> None:

@@ -10,6 +10,7 @@
      +-- LibvirtError          exit 6   libvirt refused or failed (wraps libvirt.libvirtError)
      +-- CopyError             exit 7   reading the export or writing an image failed
      +-- ToolError             exit 8   qemu-img / qemu-nbd failed
+     +-- VerifyError           exit 9   stored backups differ from what was backed up
      +-- Interrupted           exit 130/143  SIGINT / SIGTERM
 
 Every error carries a one-line message meant for an administrator, and ``hint``: what to do
@@ -76,6 +77,12 @@ class ToolError(Error):
     """An external QEMU tool (qemu-img, qemu-nbd) failed."""
 
     exit_code = 8
+
+
+class VerifyError(Error):
+    """Verification found missing or damaged images: the points named cannot be trusted."""
+
+    exit_code = 9
 
 
 class Interrupted(Error):

@@ -26,6 +26,8 @@ class PointDisk:
     bytes_zeroed: int = 0  # dirty bytes written as zeroes
     bitmap: bool = True  # the point's checkpoint holds a bitmap for this disk
     source_format: str | None = None
+    blkhash: str | None = None  # SHA-256 of the block digests in "<point>/<disk>.sums"
+    block_size: int = 1 << 20  # the block size of those digests
 
 
 @dataclasses.dataclass
@@ -119,6 +121,8 @@ def _disk(name: str, dd: Any, at: str) -> PointDisk:
         bytes_zeroed=_opt(dd, "bytes_zeroed", int, where, 0),
         bitmap=_opt(dd, "bitmap", bool, where, True),
         source_format=_opt(dd, "source_format", str, where, None),
+        blkhash=_opt(dd, "blkhash", str, where, None),
+        block_size=_opt(dd, "block_size", int, where, 1 << 20),
     )
 
 

@@ -183,11 +183,14 @@ def copy(
     max_request: int = REQUEST_SIZE,
     max_inflight: int = MAX_INFLIGHT,
     should_stop: Callable[[], bool] = lambda: False,
+    hasher=None,
 ) -> CopyStats:
     """Make ``dst`` equal to ``src`` wherever ``src`` is dirty (everywhere when no bitmap).
 
     ``target_is_zero``: ``dst`` reads as zeroes where it was not written (a new image with no
     backing file); zero extents are then skipped, otherwise they are written as zeroes.
+    ``hasher`` (a ``checksum.BlockHasher``) is told of every operation, and afterwards re-reads
+    from ``dst`` the blocks it could not hash from what was copied.
     """
     size_ = src.get_size()
     if dst.get_size() < size_:
@@ -213,6 +216,8 @@ def copy(
             if op is None:
                 exhausted = True
                 break
+            if hasher is not None:
+                hasher.issue(op.start, op.length)
             try:
                 if op.kind == "zero":
                     dst.aio_zero(op.length, op.start, on_done("zero", None, op.start, op.length))
@@ -237,6 +242,8 @@ def copy(
                         "zero": "zeroing the backup image"}[kind]
                 raise CopyError(f"{what} at offset {offset} failed: {_strerror(errno)}")
             if kind == "read":
+                if hasher is not None:
+                    hasher.data(offset, buf.to_bytearray())
                 try:
                     dst.aio_pwrite(buf, offset, on_done("write", buf, offset, length))
                 except nbd.Error as e:
@@ -249,8 +256,16 @@ def copy(
                     free.append(buf)
             else:
                 stats.bytes_zeroed += length
+                if hasher is not None:
+                    hasher.zero(offset, length)
             if progress:
                 progress(length)
+    if hasher is not None:
+        for offset, length in hasher.finish():
+            try:
+                hasher.set_block(offset, dst.pread(length, offset))
+            except nbd.Error as e:
+                raise _err(f"reading back the backup image at offset {offset} failed", e) from e
     return stats
 
 
@@ -258,3 +273,34 @@ def _strerror(errno: int) -> str:
     import os
 
     return os.strerror(errno)
+
+
+def read_blocks(h: "nbd.NBD", block: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """Every block of the export in order: ``(offset, length, data)``, data None for zeroes.
+
+    Blocks that block status reports entirely as zero are not read. Status is asked for whole
+    multiples of ``block`` (``read_extents`` covers its range exactly), so no block straddles
+    two replies.
+    """
+    size_ = h.get_size()
+    step = max(block, STATUS_RANGE // block * block)
+    for pos in range(0, size_, step):
+        end = min(size_, pos + step)
+        exts = read_extents(h, pos, end, None)
+        i = 0
+        for off in range(pos, end, block):
+            length = min(block, end - off)
+            while exts[i].end <= off:
+                i += 1
+            j = i
+            zero = True
+            while j < len(exts) and exts[j].start < off + length:
+                zero = zero and exts[j].zero
+                j += 1
+            if zero:
+                yield off, length, None
+                continue
+            try:
+                yield off, length, h.pread(length, off)
+            except nbd.Error as e:
+                raise _err(f"reading offset {off} failed", e) from e

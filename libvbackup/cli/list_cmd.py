@@ -13,7 +13,7 @@ from .common import JsonOpt, RepoOpt, emit_json, human, repo_path
 
 
 def list_(
-    vm: str = typer.Argument(..., help="Name of the VM."),
+    vm: str = typer.Argument(..., metavar="VM", help="Name of the VM."),
     repo: str = RepoOpt,
     json_out: bool = JsonOpt,
 ) -> None:

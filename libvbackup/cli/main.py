@@ -12,7 +12,7 @@ import typer
 
 from .. import __version__
 from ..errors import Error
-from . import list_cmd, pull, restore
+from . import list_cmd, pull, restore, verify
 
 app = typer.Typer(
     name="libvbackup",
@@ -84,7 +84,7 @@ def errors_to_exit_codes(fn: Callable) -> Callable:
 
 
 for _name, _mod, _fn in (("pull", pull, pull.pull), ("list", list_cmd, list_cmd.list_),
-                         ("restore", restore, restore.restore)):
+                         ("restore", restore, restore.restore), ("verify", verify, verify.verify)):
     app.command(_name, help=_mod.__doc__)(errors_to_exit_codes(_fn))
 
 

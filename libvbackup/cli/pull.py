@@ -21,7 +21,7 @@ from .common import JsonOpt, RepoOpt, UriOpt, as_list, emit_json, human, repo_pa
 
 
 def pull(
-    vm: str = typer.Argument(..., help="Name of the libvirt domain (must be running)."),
+    vm: str = typer.Argument(..., metavar="VM", help="Name of the libvirt domain (must be running)."),
     repo: Optional[str] = RepoOpt,
     incremental: Optional[str] = typer.Option(
         None, "--incremental", "-i", metavar="CHECKPOINT",

@@ -16,7 +16,7 @@ from .common import JsonOpt, RepoOpt, as_list, emit_json, repo_path
 
 
 def restore(
-    vm: str = typer.Argument(..., help="Name of the VM the backups belong to."),
+    vm: str = typer.Argument(..., metavar="VM", help="Name of the VM the backups belong to."),
     output: str = typer.Option(..., "--output", "-o", metavar="DIR", help="Directory for the images (new or empty)."),
     repo: Optional[str] = RepoOpt,
     checkpoint: Optional[str] = typer.Option(

@@ -1,0 +1,139 @@
+"""Format-independent checksums of a disk's guest-visible data (pure).
+
+The disk is cut into blocks of ``BLOCK`` bytes; each block's digest is the SHA-256 of its
+bytes, and a block of zeroes has a known digest that costs nothing to compute. A backup point
+stores the list of block digests of each disk (``<point>/<disk>.sums``), and the manifest
+stores the SHA-256 of that list, the disk's *blkhash*: equal for equal guest data, whatever
+the image format or chain. ``verify`` re-reads the chain and compares block by block.
+
+``BlockHasher`` computes the digests while a backup is copied, without reading anything
+twice where it can: it is told of every operation as it is queued (``issue``) and completed
+(``data``/``zero``); a block is hashed once no queued operation touches it any more.
+
+- Full backup (the target reads as zeroes elsewhere): a block is its copied pieces over zeroes.
+- Incremental: untouched blocks keep the parent's digests; a block entirely covered by copies
+  and zero writes is hashed from them; a block only partly dirty must be re-read from the new
+  image (its clean part lives in the parent), see ``finish``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+BLOCK = 1 << 20
+DIGEST = 32
+
+
+def block_count(size: int, block: int = BLOCK) -> int:
+    return (size + block - 1) // block
+
+
+def zero_digest(length: int, _cache: dict[int, bytes] = {}) -> bytes:  # noqa: B006 - a cache
+    d = _cache.get(length)
+    if d is None:
+        d = _cache[length] = hashlib.sha256(bytes(length)).digest()
+    return d
+
+
+def zero_sums(size: int, block: int = BLOCK) -> bytearray:
+    out = bytearray()
+    for b in range(block_count(size, block)):
+        out += zero_digest(min(block, size - b * block))
+    return out
+
+
+def digest_of(sums: bytes | bytearray) -> str:
+    return hashlib.sha256(sums).hexdigest()
+
+
+def block_digest(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class BlockHasher:
+    def __init__(self, size: int, *, parent_sums: bytes | None = None, block: int = BLOCK):
+        self.size = size
+        self.block = block
+        n = block_count(size, block)
+        if parent_sums is not None and len(parent_sums) != n * DIGEST:
+            raise ValueError("parent checksums do not match the disk size")
+        self.full = parent_sums is None
+        self.sums = bytearray(parent_sums) if parent_sums is not None else zero_sums(size, block)
+        self._pending: dict[int, int] = {}
+        self._covered: dict[int, int] = {}
+        self._pieces: dict[int, list[tuple[int, bytes]]] = {}
+        self._frontier = 0  # no operation will be queued below this block any more
+        self.reread: list[int] = []
+
+    def _len(self, b: int) -> int:
+        return min(self.block, self.size - b * self.block)
+
+    def _blocks(self, offset: int, length: int) -> Iterable[tuple[int, int, int]]:
+        """(block, start, length) pieces of [offset, offset+length)."""
+        end = offset + length
+        while offset < end:
+            b = offset // self.block
+            n = min(end, (b + 1) * self.block) - offset
+            yield b, offset, n
+            offset += n
+
+    def issue(self, offset: int, length: int) -> None:
+        """An operation over [offset, offset+length) is queued (operations come in offset order)."""
+        for b, _start, n in self._blocks(offset, length):
+            self._pending[b] = self._pending.get(b, 0) + 1
+            self._covered[b] = self._covered.get(b, 0) + n
+        old, self._frontier = self._frontier, offset // self.block
+        for b in [b for b in self._pending if old <= b < self._frontier]:
+            self._maybe_finish(b)
+
+    def data(self, offset: int, data: bytes) -> None:
+        pos = 0
+        for b, start, n in self._blocks(offset, len(data)):
+            self._pieces.setdefault(b, []).append((start, data[pos:pos + n]))
+            pos += n
+            self._done(b)
+
+    def zero(self, offset: int, length: int) -> None:
+        for b, _start, _n in self._blocks(offset, length):
+            self._done(b)
+
+    def _done(self, b: int) -> None:
+        self._pending[b] -= 1
+        self._maybe_finish(b)
+
+    def _maybe_finish(self, b: int) -> None:
+        if self._pending.get(b) != 0 or b >= self._frontier:
+            return
+        del self._pending[b]
+        covered = self._covered.pop(b)
+        pieces = self._pieces.pop(b, [])
+        length = self._len(b)
+        if not self.full and covered < length:
+            self.reread.append(b)
+            return
+        if not pieces:
+            self.sums[b * DIGEST:(b + 1) * DIGEST] = zero_digest(length)
+            return
+        buf = bytearray(length)
+        base = b * self.block
+        for start, chunk in pieces:
+            buf[start - base:start - base + len(chunk)] = chunk
+        self.sums[b * DIGEST:(b + 1) * DIGEST] = block_digest(buf)
+
+    def finish(self) -> list[tuple[int, int]]:
+        """Close every block; returns the (offset, length) ranges that must be re-read."""
+        self._frontier = block_count(self.size, self.block) + 1
+        for b in list(self._pending):
+            self._maybe_finish(b)
+        return [(b * self.block, self._len(b)) for b in sorted(self.reread)]
+
+    def set_block(self, offset: int, data: bytes) -> None:
+        b = offset // self.block
+        self.sums[b * DIGEST:(b + 1) * DIGEST] = block_digest(data)
+
+
+def compare(expected: bytes, actual: bytes, block: int = BLOCK) -> list[int]:
+    """Offsets of the blocks whose digests differ."""
+    return [i // DIGEST * block for i in range(0, min(len(expected), len(actual)), DIGEST)
+            if expected[i:i + DIGEST] != actual[i:i + DIGEST]]
