@@ -404,23 +404,37 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cleanup(repository: Repository, vm: str, dom: Domain | None, state: dict) -> None:
-    """Undo what a run recorded in its journal, except what the manifest already holds."""
+    """Undo what a run recorded in its journal, except what the manifest already holds.
+
+    Every step is tried even when an earlier one fails (QEMU gone, libvirtd restarted); the
+    journal is removed only when all succeeded, so that a later run can finish the rest.
+    """
     chk = state.get("checkpoint")
-    manifest = repository.load(vm)
-    completed = chk is not None and manifest.find(chk) is not None
+    failures: list[str] = []
+    try:
+        completed = chk is not None and repository.load(vm).find(chk) is not None
+    except Error as e:
+        failures.append(str(e))
+        completed = True  # cannot tell: keep what might be a completed point
     # backupBegin creates the job and our (uniquely named) checkpoint together: the job is
     # ours only if that checkpoint exists. Another tool's job is never aborted.
-    if state.get("job") and dom is not None and chk and dom.has_checkpoint(chk):
-        if not completed:
-            if dom.has_backup_job():
-                dom.abort_job()
-            log.info("deleting checkpoint %s of an incomplete backup", chk)
-            dom.delete_checkpoint(chk)
+    if state.get("job") and dom is not None and chk and not completed:
+        try:
+            if dom.has_checkpoint(chk):
+                if dom.has_backup_job():
+                    dom.abort_job()
+                log.info("deleting checkpoint %s of an incomplete backup", chk)
+                dom.delete_checkpoint(chk)
+        except Error as e:
+            failures.append(str(e))
     for key in ("partial",) + (() if completed else ("final",)):
         if state.get(key):
             _remove_tree(pathlib.Path(state[key]))
     if state.get("run_dir"):
         _remove_tree(pathlib.Path(state["run_dir"]))
+    if failures:
+        raise StateError("clean-up of the interrupted backup is incomplete: " + "; ".join(failures),
+                         "the next run for this VM finishes it")
     repository.clear_run(vm)
 
 

@@ -68,6 +68,10 @@ def open_image(path: str, fmt: str = "qcow2", readonly: bool = False) -> "nbd.NB
     if readonly:
         argv.append("--read-only")
     argv.append(path)
+    if not log.isEnabledFor(logging.DEBUG):
+        # qemu-nbd reports a client's disconnect on stderr; our own error says what happened.
+        # exec keeps the pid, which socket activation (LISTEN_PID) requires.
+        argv = ["sh", "-c", 'exec "$0" "$@" 2>/dev/null', *argv]
     h = nbd.NBD()
     h.set_handle_name(f"dst-{path}")
     h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)

@@ -29,56 +29,86 @@ def _msg(e: libvirt.libvirtError) -> str:
     return (e.get_error_message() or str(e)).strip()
 
 
+RECONNECT_WAIT = 30.0
+
+
 class Domain:
-    def __init__(self, dom: "libvirt.virDomain"):
+    """A domain, looked up again by name after the connection to libvirtd was re-established.
+
+    A restart of libvirtd leaves QEMU, its backup job and the NBD export running; only our
+    connection dies. Each call that fails on a dead connection reconnects and is tried again
+    once, so a backup can finish across a restart of the daemon.
+    """
+
+    def __init__(self, conn: "Connection", dom: "libvirt.virDomain"):
+        self._conn = conn
         self._dom = dom
         self.name = dom.name()
 
+    def _retry(self, fn_name: str, *args):
+        try:
+            return getattr(self._dom, fn_name)(*args)
+        except libvirt.libvirtError:
+            if not self._conn.reconnect_if_dead():
+                raise
+            self._dom = self._conn.lookup_raw(self.name)
+            return getattr(self._dom, fn_name)(*args)
+
     def is_running(self) -> bool:
         try:
-            return bool(self._dom.isActive())
+            return bool(self._retry("isActive"))
         except libvirt.libvirtError as e:
             raise LibvirtError(f"cannot query VM {self.name!r}: {_msg(e)}") from e
 
     def xml(self) -> str:
-        return self._call("read the domain XML", self._dom.XMLDesc, 0)
+        return self._call("read the domain XML", "XMLDesc", 0)
 
     def uuid(self) -> str:
-        return self._dom.UUIDString()
+        return self._call("read the UUID", "UUIDString")
 
     def checkpoint_names(self) -> list[str]:
-        return [c.getName() for c in self._call("list checkpoints", self._dom.listAllCheckpoints, 0)]
+        return [c.getName() for c in self._call("list checkpoints", "listAllCheckpoints", 0)]
 
     def checkpoint_xml(self, name: str) -> str:
-        chk = self._checkpoint(name)
-        return self._call(f"read checkpoint {name!r}", chk.getXMLDesc, 0)
+        try:
+            return self._checkpoint(name).getXMLDesc(0)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"cannot read checkpoint {name!r}: {_msg(e)}") from e
 
     def delete_checkpoint(self, name: str) -> None:
         """Delete one checkpoint (its bitmap's changes are merged into its parent by libvirt)."""
-        chk = self._checkpoint(name)
-        self._call(f"delete checkpoint {name!r}", chk.delete, 0)
+        try:
+            self._checkpoint(name).delete(0)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"cannot delete checkpoint {name!r} of VM {self.name!r}: {_msg(e)}") from e
 
     def has_checkpoint(self, name: str) -> bool:
         return name in self.checkpoint_names()
 
     def _checkpoint(self, name: str):
         try:
-            return self._dom.checkpointLookupByName(name, 0)
+            return self._retry("checkpointLookupByName", name, 0)
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                 raise NotFound(f"VM {self.name!r} has no checkpoint {name!r}") from e
             raise LibvirtError(f"cannot look up checkpoint {name!r}: {_msg(e)}") from e
 
     def backup_begin(self, backup_xml: str, checkpoint_xml: str | None) -> None:
-        self._call("start the backup job", self._dom.backupBegin, backup_xml, checkpoint_xml, 0)
+        # Not retried: a second begin after an unknown outcome could start a second job.
+        try:
+            self._dom.backupBegin(backup_xml, checkpoint_xml, 0)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"cannot start the backup job of VM {self.name!r}: {_msg(e)}") from e
 
     def backup_xml(self) -> str:
-        return self._call("read the backup job", self._dom.backupGetXMLDesc, 0)
+        return self._call("read the backup job", "backupGetXMLDesc", 0)
 
     def job_stats(self) -> dict:
         try:
-            return self._dom.jobStats(0)
-        except libvirt.libvirtError:
+            return self._retry("jobStats", 0)
+        except libvirt.libvirtError as e:
+            if not self._conn.alive():
+                raise LibvirtError(f"lost the connection to libvirt: {_msg(e)}") from e
             return {}
 
     def has_backup_job(self) -> bool:
@@ -89,7 +119,7 @@ class Domain:
     def abort_job(self, wait: float = 30.0) -> None:
         """End the backup job (the normal end of a pull job) and wait until it is gone."""
         try:
-            self._dom.abortJob()
+            self._retry("abortJob")
         except libvirt.libvirtError as e:
             if self.has_backup_job():
                 raise LibvirtError(f"cannot end the backup job of VM {self.name!r}: {_msg(e)}") from e
@@ -99,9 +129,9 @@ class Domain:
                 raise LibvirtError(f"the backup job of VM {self.name!r} did not end within {wait:.0f} s")
             time.sleep(0.05)
 
-    def _call(self, what: str, fn, *args):
+    def _call(self, what: str, fn_name: str, *args):
         try:
-            return fn(*args)
+            return self._retry(fn_name, *args)
         except libvirt.libvirtError as e:
             code = e.get_error_code()
             if code == libvirt.VIR_ERR_OPERATION_INVALID and not self._safe_active():
@@ -123,9 +153,34 @@ class Connection:
         except libvirt.libvirtError as e:
             raise LibvirtError(f"cannot connect to libvirt at {self.uri}: {_msg(e)}") from e
 
+    def alive(self) -> bool:
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def reconnect_if_dead(self) -> bool:
+        """Reconnect when the connection died (libvirtd restarted); True if it did."""
+        if self.alive():
+            return False
+        log.warning("the connection to libvirt was lost; reconnecting to %s", self.uri)
+        deadline = time.monotonic() + RECONNECT_WAIT
+        while True:
+            try:
+                self._conn = libvirt.open(self.uri)
+                return True
+            except libvirt.libvirtError as e:
+                if time.monotonic() > deadline:
+                    raise LibvirtError(f"lost the connection to libvirt at {self.uri} and could not "
+                                       f"reconnect within {RECONNECT_WAIT:.0f} s: {_msg(e)}") from e
+                time.sleep(0.5)
+
+    def lookup_raw(self, name: str) -> "libvirt.virDomain":
+        return self._conn.lookupByName(name)
+
     def domain(self, name: str) -> Domain:
         try:
-            return Domain(self._conn.lookupByName(name))
+            return Domain(self, self.lookup_raw(name))
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NotFound(f"libvirt at {self.uri} has no VM named {name!r}") from e

@@ -118,3 +118,90 @@ def test_sigterm_and_sigint_abort_and_clean_up(vm, repo, workdir, sig, code):
     assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
     assert vm.checkpoints() == ["c1"] and not vm.has_job() and leftovers() == []
     assert json.loads((repo / vm.name / "manifest.json").read_text())["points"][-1]["checkpoint"] == "c1"
+
+
+def _assert_clean(vm, repo, points: list[str]) -> None:
+    assert not vm.has_job()
+    assert [p.checkpoint for p in Repository(repo).load(vm.name).points] == points
+    assert sorted(x.name for x in (repo / vm.name).iterdir()) == sorted(points + ["manifest.json"])
+    assert leftovers() == []
+    assert qemu_nbd_for(repo) == []
+
+
+def test_repository_file_system_full(vm, workdir):
+    repo = workdir / "small"
+    repo.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(repo)], check=True)
+    try:
+        vm["vda"].fill(0, 2 * MiB, 0x41)
+        pull(vm.name, repo=str(repo), checkpoint="c1")
+        at_c1 = {d.target: d.snapshot() for d in vm.disks}
+        vm["vda"].write(3 * MiB, bytes(range(256)) * (40 * 1024))  # 10 MiB: cannot fit
+        vm["vdb"].write(0, b"\x01" * (6 * MiB))
+        res = cli("pull", vm.name, "--repo", str(repo), "--checkpoint", "c2", "--incremental", "c1")
+        assert res.returncode != 0
+        assert "No space left on device" in res.stderr or "space" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+        assert vm.checkpoints() == ["c1"]
+        _assert_clean(vm, repo, ["c1"])
+        assert_restores(repo, vm.name, "c1", at_c1, workdir)
+    finally:
+        subprocess.run(["umount", str(repo)], check=False)
+
+
+def test_qemu_dies_during_backup(vm, repo, workdir):
+    vm["vda"].fill(0, 3 * MiB, 0x51)
+    pull(vm.name, repo=str(repo), checkpoint="c1")
+    at_c1 = {d.target: d.snapshot() for d in vm.disks}
+    vm["vda"].fill(MiB, MiB, 0x52)
+
+    def kill_qemu():
+        vm.dom.destroy()
+
+    from libvbackup.errors import Error
+
+    with pytest.raises(Error) as ei:
+        pull(vm.name, repo=str(repo), checkpoint="c2", incremental="c1", on_job_started=kill_qemu)
+    assert "c2" not in str(ei.value) or "export" in str(ei.value) or "connect" in str(ei.value)
+    assert [p.checkpoint for p in Repository(repo).load(vm.name).points] == ["c1"]
+    assert not (repo / vm.name / "c2.partial").exists() and not (repo / vm.name / "c2").exists()
+    assert leftovers() == []
+    assert_restores(repo, vm.name, "c1", at_c1, workdir)
+    # QEMU died without closing its images: the dirty bitmaps are lost, so the next backup is
+    # a full one; it also finishes any clean-up the failed run could not do.
+    vm.dom.create()
+    now = {d.target: d.snapshot() for d in vm.disks}
+    pull(vm.name, repo=str(repo), checkpoint="c3")
+    assert "c2" not in vm.checkpoints()
+    _assert_clean(vm, repo, ["c1", "c3"])
+    assert_restores(repo, vm.name, "c3", now, workdir)
+
+
+def test_libvirtd_restarted_during_backup(vm, repo, workdir, lab):
+    vm["vda"].fill(0, 3 * MiB, 0x61)
+    pull(vm.name, repo=str(repo), checkpoint="c1")
+    vm["vda"].fill(MiB, MiB, 0x62)
+    at_c2 = {d.target: d.snapshot() for d in vm.disks}
+
+    def restart_libvirtd():
+        subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+        for _ in range(100):
+            if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
+                break
+            time.sleep(0.1)
+        subprocess.run(["libvirtd", "-d"], check=True)
+        lab.ensure_libvirtd().close()
+
+    # QEMU, the job and the NBD export survive the restart; only our connection dies, and the
+    # run reconnects and finishes.
+    pull(vm.name, repo=str(repo), checkpoint="c2", incremental="c1", on_job_started=restart_libvirtd)
+    vm.conn = lab.ensure_libvirtd()
+    vm.dom = vm.conn.lookupByName(vm.name)
+    _assert_clean(vm, repo, ["c1", "c2"])
+    assert vm.checkpoints() == ["c1", "c2"]
+    assert_restores(repo, vm.name, "c2", at_c2, workdir)
+    vm["vda"].write(5 * MiB, b"after restart")
+    now = {d.target: d.snapshot() for d in vm.disks}
+    pull(vm.name, repo=str(repo), checkpoint="c3", incremental="c2")
+    _assert_clean(vm, repo, ["c1", "c2", "c3"])
+    assert_restores(repo, vm.name, "c3", now, workdir)
