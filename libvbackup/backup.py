@@ -37,6 +37,8 @@ from .virt import Connection, Domain
 log = logging.getLogger(__name__)
 
 DEFAULT_SCRATCH_BASE = "/var/tmp"
+SCRATCH_RESERVE = 256 << 20  # abort the backup before the scratch file system has less free
+WATCH_INTERVAL = 0.5
 QEMU_USERS = ("libvirt-qemu", "qemu")
 
 
@@ -94,6 +96,11 @@ def _scratch_base(scratch_dir: str | None) -> pathlib.Path:
     base = pathlib.Path(scratch_dir or DEFAULT_SCRATCH_BASE).absolute()
     if not base.is_dir():
         raise UsageError(f"scratch directory {base} does not exist or is not a directory")
+    st = os.statvfs(base)
+    if st.f_bavail * st.f_frsize < SCRATCH_RESERVE:
+        raise StateError(f"scratch directory {base} has less than {SCRATCH_RESERVE >> 20} MiB free; "
+                         "guest writes during the backup would fail",
+                         "use --scratch-dir on a file system with more free space")
     return base
 
 
@@ -133,12 +140,18 @@ def pull(
     scratch_dir: str | None = None,
     dry_run: bool = False,
     progress: str = "none",
+    scratch_limit: int | None = None,
     on_job_started: Callable[[], None] | None = None,
 ) -> dict:
     """Take a pull-mode backup of a running VM; returns a JSON-able summary.
 
     ``on_job_started`` is called once the point in time is fixed (job and checkpoint exist)
     and before copying starts: the place to thaw guest file systems frozen before the call.
+
+    Guest writes during the backup copy old data into the scratch images. libvirt 9.0 / QEMU 7.2
+    fail the *guest's* write when the scratch space runs out, so the run watches it and aborts
+    the backup first: when libvirt reports more than ``scratch_limit`` bytes in use, or when
+    less than SCRATCH_RESERVE bytes are left on the scratch file system.
     """
     repository = Repository(repo)
     if dry_run:
@@ -162,7 +175,8 @@ def pull(
             recover(repository, vm, dom)
             # Plan again under the lock: another run may have changed the repository.
             domain_xml, docs, manifest = _prepare(dom, repository, **kw)
-            return _run(repository, dom, domain_xml, docs, manifest, progress, on_job_started)
+            return _run(repository, dom, domain_xml, docs, manifest, progress, on_job_started,
+                        scratch_limit)
 
 
 @contextlib.contextmanager
@@ -217,7 +231,8 @@ def _make_run_dir(path: pathlib.Path) -> None:
 
 def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
          manifest: mf.Manifest, progress_mode: str,
-         on_job_started: Callable[[], None] | None = None) -> dict:
+         on_job_started: Callable[[], None] | None = None,
+         scratch_limit: int | None = None) -> dict:
     plan = docs.plan
     vm = plan.vm
     vm_dir = repository.ensure_vm_dir(vm)
@@ -257,7 +272,9 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
             hasher = checksum.BlockHasher(size, parent_sums=parent_sums)
             jobs.append((d, src, dst, bitmap, size, hasher))
 
-        stats = _copy_all(jobs, progress_mode)
+        watch = _scratch_watch(dom, docs.run_dir, scratch_limit)
+        watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
+        stats = _copy_all(jobs, progress_mode, watch)
         for d, _s, _d, _b, _size, hasher in jobs:
             _write_private(partial / f"{d.name}.sums", bytes(hasher.sums))
         for h in handles:
@@ -320,7 +337,23 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
     }
 
 
-def _copy_all(jobs, progress_mode: str) -> dict[str, nbdio.CopyStats]:
+def _scratch_watch(dom: Domain, run_dir: pathlib.Path, limit: int | None) -> Callable[[], None]:
+    def check() -> None:
+        used = dom.job_stats().get("disk_temp_used", 0)
+        if limit is not None and used > limit:
+            raise StateError(f"the backup was aborted: guest writes put {used} bytes in the scratch "
+                             f"images, more than --scratch-limit {limit}; the VM was not affected",
+                             "use a larger --scratch-limit or back up at a quieter time")
+        st = os.statvfs(run_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < SCRATCH_RESERVE:
+            raise StateError(f"the backup was aborted: only {free} bytes left where the scratch images "
+                             f"live ({run_dir.parent}), and guest writes must not fail",
+                             "use --scratch-dir on a file system with more free space")
+    return check
+
+
+def _copy_all(jobs, progress_mode: str, watch: Callable[[], None] = lambda: None) -> dict[str, nbdio.CopyStats]:
     """Copy every disk at once, one thread each; the first failure stops the others.
 
     Daemon threads with a bounded join: an interrupted run must clean up and exit even when
@@ -351,9 +384,13 @@ def _copy_all(jobs, progress_mode: str) -> dict[str, nbdio.CopyStats]:
         for t in threads:
             t.start()
         try:
+            last = time.monotonic()
             for t in threads:
                 while t.is_alive():
-                    t.join(0.2)
+                    t.join(0.1)
+                    if time.monotonic() - last >= WATCH_INTERVAL:
+                        last = time.monotonic()
+                        watch()
         except BaseException:
             stop.set()
             deadline = time.monotonic() + 10

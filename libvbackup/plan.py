@@ -139,3 +139,14 @@ def plan_backup(
         level=level,
         disks=tuple(planned),
     )
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '10G', '1.5T', '4096' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise UsageError(f"invalid size {text!r}: use a number with an optional K, M, G or T suffix")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])

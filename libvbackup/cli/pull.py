@@ -17,6 +17,7 @@ import typer
 
 from ..backup import pull as pull_op
 from ..errors import UsageError
+from ..plan import parse_size
 from .common import JsonOpt, RepoOpt, UriOpt, as_list, emit_json, human, repo_path
 
 
@@ -40,6 +41,12 @@ def pull(
         None, "--scratch-dir", metavar="DIR",
         help="Where QEMU keeps the old data of guest writes during the backup [default: /var/tmp].",
     ),
+    scratch_limit: Optional[str] = typer.Option(
+        None, "--scratch-limit", metavar="SIZE",
+        help="Abort the backup (never the guest) when guest writes put more than SIZE (e.g. 10G) "
+             "into the scratch images. The backup is also aborted when less than 256 MiB is left "
+             "on the scratch file system.",
+    ),
     uri: Optional[str] = UriOpt,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
@@ -57,7 +64,7 @@ def pull(
     result = pull_op(
         vm, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental,
         disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
-        progress=progress,
+        progress=progress, scratch_limit=parse_size(scratch_limit) if scratch_limit else None,
     )
     if json_out:
         emit_json(result)

@@ -54,6 +54,7 @@ CASES = [
      "no disk"),
     ("missing-scratch-dir", ["pull", "{vm}", "--repo", "{repo}", "--scratch-dir", "{base}/nope"], 2, "scratch"),
     ("bad-progress", ["pull", "{vm}", "--repo", "{repo}", "--progress", "loud"], 2, "progress"),
+    ("bad-scratch-limit", ["pull", "{vm}", "--repo", "{repo}", "--scratch-limit", "lots"], 2, "invalid size"),
     ("restore-unknown-point", ["restore", "{vm}", "--repo", "{repo}", "--checkpoint", "zz", "--output",
                                "{base}/out-zz"], 3, "zz"),
     ("restore-nonempty-output", ["restore", "{vm}", "--repo", "{repo}", "--output", "{nonempty}"], 2,

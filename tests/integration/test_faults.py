@@ -205,3 +205,36 @@ def test_libvirtd_restarted_during_backup(vm, repo, workdir, lab):
     pull(vm.name, repo=str(repo), checkpoint="c3", incremental="c2")
     _assert_clean(vm, repo, ["c1", "c2", "c3"])
     assert_restores(repo, vm.name, "c3", now, workdir)
+
+
+def test_scratch_limit_aborts_the_backup_not_the_guest(vm, repo, workdir):
+    vda = vm["vda"]
+    vda.fill(0, 8 * MiB, 0x11)
+    pull(vm.name, repo=str(repo), checkpoint="c1")
+
+    def guest_writes():  # overwrites old data: copy-before-write puts it in the scratch image
+        vda.write(MiB, bytes([0x22]) * (6 * MiB))
+
+    from libvbackup.errors import StateError
+
+    with pytest.raises(StateError, match="scratch-limit"):
+        pull(vm.name, repo=str(repo), checkpoint="c2", incremental="c1",
+             scratch_limit=2 * MiB, on_job_started=guest_writes)
+    assert vm.dom.isActive()  # the guest's writes were confirmed by the lab; the VM runs on
+    assert vm.checkpoints() == ["c1"]
+    _assert_clean(vm, repo, ["c1"])
+    pull(vm.name, repo=str(repo), checkpoint="c3", incremental="c1")
+    assert_restores(repo, vm.name, "c3", {d.target: d.snapshot() for d in vm.disks}, workdir)
+
+
+def test_scratch_file_system_too_small_is_refused(vm, repo, workdir):
+    small = workdir / "scratch"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        res = cli("pull", vm.name, "--repo", str(repo), "--scratch-dir", str(small))
+        assert res.returncode == 4 and "free" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert vm.checkpoints() == [] and not vm.has_job() and list(repo.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

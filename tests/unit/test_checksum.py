@@ -73,3 +73,19 @@ def test_zero_sums_and_compare():
     b[32] ^= 1
     assert checksum.compare(a, bytes(b), BLOCK) == [BLOCK]
     assert checksum.compare(a, a, BLOCK) == []
+
+
+def test_parse_size():
+    import pytest
+
+    from libvbackup.errors import UsageError
+    from libvbackup.plan import parse_size
+
+    assert parse_size("4096") == 4096
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1.5k") == 1536
+    for bad in ("", "lots", "-1G", "1X", "G"):
+        with pytest.raises(UsageError):
+            parse_size(bad)
