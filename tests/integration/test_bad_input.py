@@ -170,3 +170,41 @@ def test_missing_parent_image_is_refused(env):
                             "{base}/o-missing"], 5, "missing")
     finally:
         hidden.rename(image)
+
+
+def test_foreign_checkpoint_and_checkpoint_of_another_vm(env, lab):
+    vm = env["vm"]
+    # A checkpoint made by another tool: libvirt has it, the repository does not.
+    vm.dom.checkpointCreateXML("<domaincheckpoint><name>foreign1</name><disks><disk name='vda'/>"
+                               "<disk name='vdb' checkpoint='no'/></disks></domaincheckpoint>", 0)
+    try:
+        check_refused(env, ["pull", "{vm}", "--repo", "{repo}", "--incremental", "foreign1"], 3, "foreign1")
+    finally:
+        vm.dom.checkpointLookupByName("foreign1").delete(0)
+    # A point of another VM in the same repository.
+    other = lab.LabVM([(4 * MiB, "qcow2")]).start()
+    try:
+        pull(other.name, repo=str(env["repo"]), checkpoint="other1")
+        check_refused(env, ["pull", "{vm}", "--repo", "{repo}", "--incremental", "other1"], 3, "other1")
+        check_refused(env, ["restore", "{vm}", "--repo", "{repo}", "--checkpoint", "other1", "--output",
+                            "{base}/o-other"], 3, "other1")
+    finally:
+        other.destroy()
+        shutil.rmtree(env["repo"] / other.name, ignore_errors=True)
+
+
+def test_restore_into_a_full_file_system(env):
+    out = env["base"] / "tiny"
+    out.mkdir()
+    os.system(f"mount -t tmpfs -o size=256k tmpfs {out}")
+    try:
+        if not os.path.ismount(out):
+            pytest.fail("could not mount a small tmpfs")
+        res = cli("restore", env["vm"].name, "--repo", str(env["repo"]), "--checkpoint", "c1",
+                  "--output", str(out), "--format", "raw")
+        assert res.returncode == 8, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+        assert "space" in res.stderr.lower(), res.stderr
+        assert list(out.iterdir()) == []  # nothing half-written left
+    finally:
+        os.system(f"umount {out}")
