@@ -170,7 +170,12 @@ class LabVM:
         return self.dom.jobStats(0).get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE
 
     def destroy(self) -> None:
-        remove_domain(self.conn, self.name)
+        # A fresh connection: a test may have restarted libvirtd under the old one.
+        conn = ensure_libvirtd()
+        try:
+            remove_domain(conn, self.name)
+        finally:
+            conn.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

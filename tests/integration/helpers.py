@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import random
@@ -96,3 +97,15 @@ def tree(path: pathlib.Path) -> dict:
 
 def leftovers(scratch_base: str = "/var/tmp") -> list[str]:
     return sorted(str(p) for p in pathlib.Path(scratch_base).glob("libvbackup-*"))
+
+
+@contextlib.contextmanager
+def tmpfs(path: pathlib.Path, size: str, options: str = ""):
+    """A small tmpfs mounted on ``path`` for the duration (a full or read-only file system)."""
+    path.mkdir(exist_ok=True)
+    opts = f"size={size}" + (f",{options}" if options else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

@@ -16,7 +16,7 @@ import pytest
 
 from libvbackup.backup import pull
 
-from .helpers import MiB, cli, leftovers, tree
+from .helpers import MiB, cli, leftovers, tmpfs, tree
 
 pytestmark = pytest.mark.integration
 
@@ -118,15 +118,8 @@ def test_corrupt_and_newer_manifests_are_refused(env):
 
 
 def test_unwritable_repository(env):
-    ro = env["base"] / "ro-repo"
-    ro.mkdir()
-    os.system(f"mount -t tmpfs -o size=1m,ro tmpfs {ro}")
-    try:
-        if not os.path.ismount(ro):
-            pytest.fail("could not mount a read-only tmpfs")
+    with tmpfs(env["base"] / "ro-repo", "1m", "ro") as ro:
         check_refused(env, ["pull", "{vm}", "--repo", str(ro)], 5, "not writable")
-    finally:
-        os.system(f"umount {ro}")
 
 
 def test_vm_not_running(lab, workdir):
@@ -194,17 +187,10 @@ def test_foreign_checkpoint_and_checkpoint_of_another_vm(env, lab):
 
 
 def test_restore_into_a_full_file_system(env):
-    out = env["base"] / "tiny"
-    out.mkdir()
-    os.system(f"mount -t tmpfs -o size=256k tmpfs {out}")
-    try:
-        if not os.path.ismount(out):
-            pytest.fail("could not mount a small tmpfs")
+    with tmpfs(env["base"] / "tiny", "256k") as out:
         res = cli("restore", env["vm"].name, "--repo", str(env["repo"]), "--checkpoint", "c1",
                   "--output", str(out), "--format", "raw")
         assert res.returncode == 8, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
         assert "space" in res.stderr.lower(), res.stderr
         assert list(out.iterdir()) == []  # nothing half-written left
-    finally:
-        os.system(f"umount {out}")

@@ -14,7 +14,7 @@ import pytest
 from libvbackup.backup import pull
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli, leftovers
+from .helpers import MiB, assert_restores, cli, leftovers, tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -129,10 +129,7 @@ def _assert_clean(vm, repo, points: list[str]) -> None:
 
 
 def test_repository_file_system_full(vm, workdir):
-    repo = workdir / "small"
-    repo.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(repo)], check=True)
-    try:
+    with tmpfs(workdir / "small", "12m", "mode=0700") as repo:
         vm["vda"].fill(0, 2 * MiB, 0x41)
         pull(vm.name, repo=str(repo), checkpoint="c1")
         at_c1 = {d.target: d.snapshot() for d in vm.disks}
@@ -145,8 +142,6 @@ def test_repository_file_system_full(vm, workdir):
         assert vm.checkpoints() == ["c1"]
         _assert_clean(vm, repo, ["c1"])
         assert_restores(repo, vm.name, "c1", at_c1, workdir)
-    finally:
-        subprocess.run(["umount", str(repo)], check=False)
 
 
 def test_qemu_dies_during_backup(vm, repo, workdir):
@@ -228,13 +223,8 @@ def test_scratch_limit_aborts_the_backup_not_the_guest(vm, repo, workdir):
 
 
 def test_scratch_file_system_too_small_is_refused(vm, repo, workdir):
-    small = workdir / "scratch"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
-    try:
+    with tmpfs(workdir / "scratch", "64m") as small:
         res = cli("pull", vm.name, "--repo", str(repo), "--scratch-dir", str(small))
         assert res.returncode == 4 and "free" in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
         assert vm.checkpoints() == [] and not vm.has_job() and list(repo.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
