@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 from . import checksum, domxml, manifest as mf, nbdio, qemuimg, xmlgen
 from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
-from .plan import BackupPlan, plan_backup
+from .plan import BackupPlan, ParentChoice, choose_parent, plan_backup
 from .progress import Progress
 from .repo import Repository, fsync_dir
 from .virt import Connection, Domain
@@ -104,8 +104,36 @@ def _scratch_base(scratch_dir: str | None) -> pathlib.Path:
     return base
 
 
-def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental,
-             disks, exclude, scratch_dir) -> tuple[str, Documents, mf.Manifest]:
+def _unusable_fn(dom: Domain, manifest: mf.Manifest, dry_run: bool, redefined: list[str]):
+    """Why a checkpoint of the repository cannot serve an incremental backup, or None.
+
+    When libvirt lost checkpoints (VM undefined and defined again, moved to another host) but
+    the bitmaps are still in the qcow2 images, they are redefined from the XML the repository
+    saved, oldest first, and validated by libvirt (REDEFINE_VALIDATE).
+    """
+    def unusable(chk: str) -> str | None:
+        names = set(dom.checkpoint_names())
+        if chk not in names:
+            if dry_run:
+                return f"libvirt lost checkpoint {chk!r}; a real run would redefine it from the repository"
+            for p in manifest.chain(chk):
+                if p.checkpoint not in names and p.checkpoint_xml:
+                    why = dom.redefine_checkpoint(p.checkpoint_xml)
+                    if why is None:
+                        log.info("redefined checkpoint %s from the repository", p.checkpoint)
+                        redefined.append(p.checkpoint)
+                        names.add(p.checkpoint)
+                    elif p.checkpoint == chk:
+                        return f"libvirt lost it and it cannot be redefined: {why}"
+            if chk not in names:
+                return f"libvirt no longer has checkpoint {chk!r}"
+        return dom.validate_checkpoint(chk)
+    return unusable
+
+
+def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental, level=None,
+             disks, exclude, scratch_dir, dry_run=False,
+             redefined: list | None = None) -> tuple[str, Documents, mf.Manifest, ParentChoice]:
     vm = dom.name
     if not dom.is_running():
         raise StateError(f"VM {vm!r} is not running; a pull backup needs a running VM",
@@ -116,8 +144,10 @@ def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental,
     domain_xml = dom.xml()
     chosen = domxml.select_disks(domxml.parse_disks(domain_xml), disks, exclude)
     manifest = repository.load(vm)
+    choice = choose_parent(manifest, level=level, incremental=incremental,
+                           unusable=_unusable_fn(dom, manifest, dry_run, redefined if redefined is not None else []))
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=dom.checkpoint_names(),
-                       checkpoint=checkpoint, incremental=incremental)
+                       checkpoint=checkpoint, incremental=choice.parent)
     for d in plan.disks:
         if d.backing and not repository.image(vm, d.backing).is_file():
             raise RepositoryError(
@@ -125,7 +155,7 @@ def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental,
                 "run a full backup (without --incremental) to start a new chain",
             )
     run_dir = _scratch_base(scratch_dir) / f"libvbackup-{vm}-{plan.checkpoint}"
-    return domain_xml, documents(plan, run_dir), manifest
+    return domain_xml, documents(plan, run_dir), manifest, choice
 
 
 def pull(
@@ -135,6 +165,7 @@ def pull(
     uri: str | None = None,
     checkpoint: str | None = None,
     incremental: str | None = None,
+    level: str | None = None,
     disks: Sequence[str] = (),
     exclude: Sequence[str] = (),
     scratch_dir: str | None = None,
@@ -164,19 +195,26 @@ def pull(
             # A run died: finish its clean-up before its checkpoint confuses the plan.
             with repository.lock(vm), _umask(0o077):
                 recover(repository, vm, dom)
-        kw = dict(checkpoint=checkpoint, incremental=incremental, disks=disks, exclude=exclude,
-                  scratch_dir=scratch_dir)
+        redefined: list[str] = []
+        kw = dict(checkpoint=checkpoint, incremental=incremental, level=level, disks=disks,
+                  exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run, redefined=redefined)
         # Plan before taking the lock, so that bad input changes nothing, not even a directory.
-        domain_xml, docs, manifest = _prepare(dom, repository, **kw)
+        domain_xml, docs, manifest, choice = _prepare(dom, repository, **kw)
+        extra = {"requested_level": level or ("inc" if incremental else "full"),
+                 "fallback_reason": choice.reason, "redefined": redefined}
         if dry_run:
-            return {**plan_summary(docs.plan), "dry_run": True,
+            return {**plan_summary(docs.plan), **extra, "dry_run": True,
                     "backup_xml": docs.backup_xml, "checkpoint_xml": docs.checkpoint_xml}
+        if choice.reason:
+            log.warning("%s", choice.reason)
         with repository.lock(vm), _signals_raise(), _umask(0o077):
             recover(repository, vm, dom)
             # Plan again under the lock: another run may have changed the repository.
-            domain_xml, docs, manifest = _prepare(dom, repository, **kw)
-            return _run(repository, dom, domain_xml, docs, manifest, progress, on_job_started,
-                        scratch_limit)
+            domain_xml, docs, manifest, choice = _prepare(dom, repository, **kw)
+            extra["fallback_reason"] = choice.reason
+            result = _run(repository, dom, domain_xml, docs, manifest, progress, on_job_started,
+                          scratch_limit)
+            return {**result, **extra}
 
 
 @contextlib.contextmanager

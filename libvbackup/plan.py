@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from typing import Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 from .domxml import Disk
 from .errors import NotFound, StateError, UsageError
@@ -150,3 +150,58 @@ def parse_size(text: str) -> int:
     if not m:
         raise UsageError(f"invalid size {text!r}: use a number with an optional K, M, G or T suffix")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+LEVELS = ("full", "inc", "diff", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParentChoice:
+    parent: str | None  # the checkpoint to be incremental from; None: a full backup
+    reason: str | None = None  # why ``auto`` fell back to a full backup
+
+
+def choose_parent(
+    manifest: Manifest,
+    *,
+    level: str | None,
+    incremental: str | None,
+    unusable: Callable[[str], str | None],
+) -> ParentChoice:
+    """Which checkpoint a backup extends, from --incremental or --level.
+
+    ``unusable(chk)`` says why a checkpoint cannot serve (gone from libvirt, bitmap missing or
+    broken), or None. ``inc``: since the newest point; ``diff``: since the newest full point;
+    ``auto``: ``inc`` when that is usable, else full (with the reason); ``full``: no parent.
+    An explicit --incremental or inc/diff whose checkpoint is unusable is an error.
+    """
+    if level is not None and level not in LEVELS:
+        raise UsageError(f"unknown level {level!r}; use one of {', '.join(LEVELS)}")
+    if level is not None and incremental is not None:
+        raise UsageError("--level and --incremental contradict each other; give one of them")
+    if incremental is not None:
+        candidate, explicit = incremental, True
+    elif level in (None, "full"):
+        return ParentChoice(None)
+    else:
+        if level == "diff":
+            fulls = [p for p in manifest.points if p.parent is None]
+            newest = fulls[-1] if fulls else None
+        else:
+            newest = manifest.newest
+        if newest is None:
+            if level == "auto":
+                return ParentChoice(None, "the repository holds no backup of this VM yet")
+            raise NotFound(f"--level {level}: the repository holds no {'full ' if level == 'diff' else ''}"
+                           f"backup of VM {manifest.vm!r} to start from",
+                           "run a full backup first (--level full or auto)")
+        candidate, explicit = newest.checkpoint, level != "auto"
+    if manifest.find(candidate) is None:
+        return ParentChoice(candidate)  # plan_backup reports it, with the right error
+    why = unusable(candidate)
+    if why is None:
+        return ParentChoice(candidate)
+    if explicit:
+        raise StateError(f"cannot back up incrementally from {candidate!r}: {why}",
+                         "run a full backup (--level full) to start a new chain")
+    return ParentChoice(None, f"checkpoint {candidate!r} cannot serve ({why}); taking a full backup")

@@ -30,6 +30,8 @@ def _msg(e: libvirt.libvirtError) -> str:
 
 
 RECONNECT_WAIT = 30.0
+_REDEFINE_VALIDATE = (libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+                      | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE)
 
 
 class Domain:
@@ -92,6 +94,29 @@ class Domain:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                 raise NotFound(f"VM {self.name!r} has no checkpoint {name!r}") from e
             raise LibvirtError(f"cannot look up checkpoint {name!r}: {_msg(e)}") from e
+
+    def validate_checkpoint(self, name: str) -> str | None:
+        """None if the checkpoint's bitmaps are present and consistent, else libvirt's reason.
+
+        Redefining a checkpoint with its own XML and REDEFINE_VALIDATE makes libvirt check the
+        bitmaps in the qcow2 images without changing anything.
+        """
+        try:
+            xml = self.checkpoint_xml(name)
+            self._retry("checkpointCreateXML", xml, _REDEFINE_VALIDATE)
+        except NotFound:
+            return f"libvirt has no checkpoint {name!r}"
+        except (libvirt.libvirtError, LibvirtError) as e:
+            return _msg(e) if isinstance(e, libvirt.libvirtError) else e.message
+        return None
+
+    def redefine_checkpoint(self, xml: str) -> str | None:
+        """Give libvirt back a checkpoint it lost, from saved XML; None on success, else why not."""
+        try:
+            self._retry("checkpointCreateXML", xml, _REDEFINE_VALIDATE)
+        except libvirt.libvirtError as e:
+            return _msg(e)
+        return None
 
     def backup_begin(self, backup_xml: str, checkpoint_xml: str | None) -> None:
         # Not retried: a second begin after an unknown outcome could start a second job.

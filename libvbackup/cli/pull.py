@@ -28,6 +28,11 @@ def pull(
         None, "--incremental", "-i", metavar="CHECKPOINT",
         help="Copy only what changed since this earlier checkpoint of the VM.",
     ),
+    level: Optional[str] = typer.Option(
+        None, "--level", "-l", metavar="full|inc|diff|auto",
+        help="Instead of --incremental: inc = since the newest point, diff = since the newest full "
+             "point, auto = inc when the chain is usable, else full (says why), full.",
+    ),
     checkpoint: Optional[str] = typer.Option(
         None, "--checkpoint", metavar="NAME", help="Name of the new checkpoint [default: lvb-<UTC time>].",
     ),
@@ -62,13 +67,17 @@ def pull(
     if progress == "auto":
         progress = "bar" if sys.stderr.isatty() and not json_out else "none"
     result = pull_op(
-        vm, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental,
+        vm, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
         disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
         progress=progress, scratch_limit=parse_size(scratch_limit) if scratch_limit else None,
     )
     if json_out:
         emit_json(result)
         return
+    if result.get("fallback_reason"):
+        typer.echo(f"note: {result['fallback_reason']}", err=True)
+    for name in result.get("redefined", []):
+        typer.echo(f"note: checkpoint {name} redefined in libvirt from the repository", err=True)
     if dry_run:
         typer.echo(f"# plan: {result['level']} backup of {vm}, new checkpoint {result['checkpoint']}"
                    + (f", since {result['parent']}" if result["parent"] else ""))

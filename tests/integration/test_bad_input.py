@@ -97,10 +97,13 @@ def test_bad_input_is_refused_and_changes_nothing(env, argv, code, word):
 def test_checkpoint_libvirt_lost_suggests_full_backup(env):
     vm = env["vm"]
     pull(vm.name, repo=str(env["repo"]), checkpoint="lost1")
-    import libvirt
-
-    vm.dom.checkpointLookupByName("lost1").delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    # Deleted for real (bitmap too): it cannot be redefined from the repository either.
+    vm.dom.checkpointLookupByName("lost1").delete(0)
     check_refused(env, ["pull", "{vm}", "--repo", "{repo}", "--incremental", "lost1"], 4, "full backup")
+    check_refused(env, ["pull", "{vm}", "--repo", "{repo}", "--level", "inc"], 4, "full backup")
+    check_refused(env, ["pull", "{vm}", "--repo", "{repo}", "--level", "inc", "--incremental", "c1"], 2,
+                  "contradict")
+    check_refused(env, ["pull", "{vm}", "--repo", "{repo}", "--level", "weekly"], 2, "level")
 
 
 def test_corrupt_and_newer_manifests_are_refused(env):
