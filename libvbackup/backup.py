@@ -63,7 +63,12 @@ class Documents:
     checkpoint_xml: str
 
 
-def documents(plan: BackupPlan, run_dir: pathlib.Path) -> Documents:
+def checkpoint_description(plan: BackupPlan, repository: Repository | None) -> str:
+    where = f" in repository {repository.root}" if repository is not None else ""
+    return f"libvbackup {plan.level} backup of {plan.vm}{where}"
+
+
+def documents(plan: BackupPlan, run_dir: pathlib.Path, repository: Repository | None = None) -> Documents:
     """The <domainbackup> and <domaincheckpoint> for a plan; names derive from ``run_dir``."""
     socket = str(run_dir / "nbd.sock")
     bdisks = [
@@ -74,7 +79,7 @@ def documents(plan: BackupPlan, run_dir: pathlib.Path) -> Documents:
     cspec = xmlgen.CheckpointSpec(
         name=plan.checkpoint,
         disks=[xmlgen.CheckpointDisk(d.name, d.bitmap) for d in plan.disks],
-        description=f"libvbackup {plan.level} backup of {plan.vm}",
+        description=checkpoint_description(plan, repository),
     )
     return Documents(plan, run_dir, socket, xmlgen.backup_pull_xml(bspec), xmlgen.checkpoint_xml(cspec))
 
@@ -147,7 +152,8 @@ def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental, le
     choice = choose_parent(manifest, level=level, incremental=incremental,
                            unusable=_unusable_fn(dom, manifest, dry_run, redefined if redefined is not None else []))
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=dom.checkpoint_names(),
-                       checkpoint=checkpoint, incremental=choice.parent)
+                       checkpoint=checkpoint, incremental=choice.parent,
+                       prefix=repository.checkpoint_prefix)
     for d in plan.disks:
         if d.backing and not repository.image(vm, d.backing).is_file():
             raise RepositoryError(
@@ -155,7 +161,7 @@ def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental, le
                 "run a full backup (without --incremental) to start a new chain",
             )
     run_dir = _scratch_base(scratch_dir) / f"libvbackup-{vm}-{plan.checkpoint}"
-    return domain_xml, documents(plan, run_dir), manifest, choice
+    return domain_xml, documents(plan, run_dir, repository), manifest, choice
 
 
 def pull(
@@ -312,7 +318,7 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
 
         watch = _scratch_watch(dom, docs.run_dir, scratch_limit)
         watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
-        stats = _copy_all(jobs, progress_mode, watch)
+        stats = _copy_all(jobs, progress_mode, watch, lambda doc: repository.write_progress(vm, doc))
         for d, _s, _d, _b, _size, hasher in jobs:
             _write_private(partial / f"{d.name}.sums", bytes(hasher.sums))
         for h in handles:
@@ -391,14 +397,15 @@ def _scratch_watch(dom: Domain, run_dir: pathlib.Path, limit: int | None) -> Cal
     return check
 
 
-def _copy_all(jobs, progress_mode: str, watch: Callable[[], None] = lambda: None) -> dict[str, nbdio.CopyStats]:
+def _copy_all(jobs, progress_mode: str, watch: Callable[[], None] = lambda: None,
+              sink: Callable[[dict], None] | None = None) -> dict[str, nbdio.CopyStats]:
     """Copy every disk at once, one thread each; the first failure stops the others.
 
     Daemon threads with a bounded join: an interrupted run must clean up and exit even when
     a copy thread is stuck (a hung NBD server), instead of waiting for it forever.
     """
     stop = threading.Event()
-    prog = Progress(progress_mode)
+    prog = Progress(progress_mode, sink=sink)
     results: dict[str, nbdio.CopyStats] = {}
     errors: list[BaseException] = []
 

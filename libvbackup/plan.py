@@ -45,8 +45,8 @@ class BackupPlan:
         return self.parent
 
 
-def default_checkpoint_name(now: float | None = None, taken: Collection[str] = ()) -> str:
-    base = "lvb-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+def default_checkpoint_name(now: float | None = None, taken: Collection[str] = (), prefix: str = "lvb") -> str:
+    base = f"{prefix}-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
     name, n = base, 1
     while name in taken:
         n += 1
@@ -70,6 +70,7 @@ def plan_backup(
     libvirt_checkpoints: Collection[str],
     checkpoint: str | None = None,
     incremental: str | None = None,
+    prefix: str = "lvb",
 ) -> BackupPlan:
     """Choose the checkpoint, parent, level, and per-disk full/incremental mode of a backup.
 
@@ -77,7 +78,7 @@ def plan_backup(
     """
     taken = set(libvirt_checkpoints) | {p.checkpoint for p in manifest.points}
     if checkpoint is None:
-        checkpoint = default_checkpoint_name(taken=taken)
+        checkpoint = default_checkpoint_name(taken=taken, prefix=prefix)
     check_name(checkpoint)
     if checkpoint in libvirt_checkpoints:
         raise UsageError(f"libvirt already has a checkpoint named {checkpoint!r}; choose another --checkpoint")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 def _human(n: float) -> str:
@@ -19,10 +19,12 @@ def _human(n: float) -> str:
 class Progress:
     """Thread-safe byte counters per disk; ``mode`` is ``bar``, ``plain`` or ``none``."""
 
-    def __init__(self, mode: str = "none", stream: TextIO = sys.stderr, interval: float | None = None):
+    def __init__(self, mode: str = "none", stream: TextIO = sys.stderr, interval: float | None = None,
+                 sink: Callable[[dict], None] | None = None):
         self.mode = mode
         self.stream = stream
         self.interval = interval if interval is not None else (0.5 if mode == "bar" else 10.0)
+        self.sink = sink  # called about every second with the counters (for `libvbackup status`)
         self.totals: dict[str, int] = {}
         self.done: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -51,8 +53,13 @@ class Progress:
         eta = f", ETA {max(total - done, 0) / rate:.0f} s" if rate > 0 and total else ""
         return f"{_human(done)} of {_human(total)} at {_human(rate)}/s{eta} [{', '.join(parts)}]"
 
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"done": sum(self.done.values()), "total": sum(self.totals.values()),
+                    "disks": {d: {"done": self.done[d], "total": t} for d, t in self.totals.items()}}
+
     def __enter__(self) -> "Progress":
-        if self.mode != "none":
+        if self.mode != "none" or self.sink is not None:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
@@ -66,7 +73,14 @@ class Progress:
             self.stream.flush()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        tick = min(self.interval, 1.0) if self.sink else self.interval
+        last_shown = time.monotonic()
+        while not self._stop.wait(tick):
+            if self.sink:
+                self.sink(self.snapshot())
+            if self.mode == "none" or time.monotonic() - last_shown < self.interval - 1e-3:
+                continue
+            last_shown = time.monotonic()
             if self.mode == "bar":
                 self.stream.write("\r\x1b[K" + self.line())
             else:

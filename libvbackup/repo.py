@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import pathlib
 from typing import Iterator
@@ -26,6 +27,8 @@ from .errors import RepositoryError, StateError
 from .plan import check_name
 
 DEFAULT_REPO = "/var/lib/libvbackup"
+
+log = logging.getLogger(__name__)
 
 
 def default_repo() -> str:
@@ -59,6 +62,22 @@ def fsync_dir(path: pathlib.Path) -> None:
 class Repository:
     def __init__(self, root: str | os.PathLike):
         self.root = pathlib.Path(root).absolute()
+
+    @property
+    def tag(self) -> str:
+        """A short name for this repository, in the names of the checkpoints it creates.
+
+        Derived from its path, so two repositories backing up one VM create checkpoints that
+        are told apart at a glance (``lvb-<tag>-<time>``); the manifest stays the authority on
+        which checkpoints belong to which repository.
+        """
+        import hashlib
+
+        return hashlib.sha256(str(self.root).encode()).hexdigest()[:6]
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return f"lvb-{self.tag}"
 
     # -- checks ---------------------------------------------------------------------------
     def check_readable(self) -> None:
@@ -147,7 +166,29 @@ class Repository:
     def write_run(self, vm: str, state: dict) -> None:
         write_atomic(self.run_path(vm), json.dumps(state, indent=2) + "\n")
 
+    def progress_path(self, vm: str) -> pathlib.Path:
+        return self.vm_dir(vm) / ".progress.json"
+
+    def write_progress(self, vm: str, doc: dict) -> None:
+        """Progress for ``libvbackup status``: advisory, so replaced without fsync."""
+        path = self.progress_path(vm)
+        tmp = path.with_name(".progress.json.tmp")
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.debug("cannot write progress: %s", e)
+
+    def read_progress(self, vm: str) -> dict | None:
+        try:
+            return json.loads(self.progress_path(vm).read_text())
+        except (OSError, ValueError):
+            return None
+
     def clear_run(self, vm: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.progress_path(vm).unlink()
         with contextlib.suppress(FileNotFoundError):
             self.run_path(vm).unlink()
             fsync_dir(self.vm_dir(vm))

@@ -3,7 +3,7 @@
 Without --incremental, a full backup: every allocated byte of each disk is copied. With
 --incremental CHK, only what changed since checkpoint CHK: the previous point gives an
 incremental, an older one a differential. Either way a new libvirt checkpoint is created
-(named by --checkpoint, or lvb-<UTC time>); it names the new backup point.
+(named by --checkpoint, or lvb-<repository tag>-<UTC time>); it names the new backup point.
 
 Raw-format disks cannot hold dirty bitmaps: they are copied in full every time.
 """
@@ -34,7 +34,7 @@ def pull(
              "point, auto = inc when the chain is usable, else full (says why), full.",
     ),
     checkpoint: Optional[str] = typer.Option(
-        None, "--checkpoint", metavar="NAME", help="Name of the new checkpoint [default: lvb-<UTC time>].",
+        None, "--checkpoint", metavar="NAME", help="Name of the new checkpoint [default: lvb-<repository tag>-<UTC time>].",
     ),
     disk: Optional[List[str]] = typer.Option(
         None, "--disk", "-d", metavar="TARGET", help="Back up only this disk (e.g. vda); repeatable.",

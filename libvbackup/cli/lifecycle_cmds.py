@@ -1,0 +1,63 @@
+"""checkpoints, status and abort: thin commands over libvbackup.lifecycle."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .. import lifecycle
+from .common import JsonOpt, RepoOpt, UriOpt, emit_json, human, repo_path
+
+VmArg = typer.Argument(..., metavar="VM", help="Name of the VM.")
+
+
+def checkpoints(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = UriOpt,
+                json_out: bool = JsonOpt) -> None:
+    """libvirt's checkpoints of a VM beside the repository's backup points.
+
+    OWNER is 'point' (a backup point of this repository), 'orphan' (made for this repository
+    but belonging to no point), 'other-repository' or 'foreign' (another tool's: never touched).
+    Points whose checkpoint libvirt lost are listed at the end; the next incremental that needs
+    them redefines them from the repository.
+    """
+    r = lifecycle.checkpoints(vm, repo=repo_path(repo), uri=uri)
+    if json_out:
+        emit_json(r)
+        return
+    typer.echo(f"{'CHECKPOINT':<36} OWNER")
+    for c in r["checkpoints"]:
+        typer.echo(f"{c['name']:<36} {c['owner']}")
+    for name in r["lost"]:
+        typer.echo(f"{name:<36} lost by libvirt (point of this repository)")
+
+
+def status(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = UriOpt,
+           json_out: bool = JsonOpt) -> None:
+    """Show the backup running for a VM in this repository: process, bytes done, scratch in use."""
+    r = lifecycle.status(vm, repo=repo_path(repo), uri=uri)
+    if json_out:
+        emit_json(r)
+        return
+    if not r.get("pid"):
+        typer.echo(f"no backup of {vm} is running")
+        return
+    what = "running" if r["running"] else "dead (the next run for this VM cleans up after it)"
+    typer.echo(f"{r['mode']} backup {r['checkpoint']} of {vm}, pid {r['pid']}: {what}")
+    if r.get("bytes_total"):
+        typer.echo(f"  {human(r['bytes_done'] or 0)} of {human(r['bytes_total'])} copied")
+    if r.get("scratch_used") is not None:
+        typer.echo(f"  scratch in use: {human(r['scratch_used'])}")
+
+
+def abort(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = UriOpt,
+          json_out: bool = JsonOpt) -> None:
+    """Stop the running backup of a VM: its job is aborted and everything it made is removed.
+
+    If the process that ran it is dead, finishes its clean-up instead.
+    """
+    r = lifecycle.abort(vm, repo=repo_path(repo), uri=uri)
+    if json_out:
+        emit_json(r)
+    else:
+        typer.echo(f"backup {r['aborted']} of {vm} aborted")
