@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import subprocess
 import datetime
 import logging
 import os
@@ -28,7 +30,7 @@ import time
 from typing import Callable, Iterator, Sequence
 
 from . import checksum, domxml, manifest as mf, nbdio, qemuimg, xmlgen
-from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
+from .errors import CopyError, Error, Interrupted, RepositoryError, StateError, UsageError
 from .plan import BackupPlan, ParentChoice, choose_parent, plan_backup
 from .progress import Progress
 from .repo import Repository, fsync_dir
@@ -40,6 +42,7 @@ DEFAULT_SCRATCH_BASE = "/var/tmp"
 SCRATCH_RESERVE = 256 << 20  # abort the backup before the scratch file system has less free
 WATCH_INTERVAL = 0.5
 QEMU_USERS = ("libvirt-qemu", "qemu")
+_JOB_OPERATION_BACKUP = 9  # libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP (this module does not import libvirt)
 
 
 def _now() -> str:
@@ -58,9 +61,10 @@ def _qemu_ids() -> tuple[int, int] | None:
 class Documents:
     plan: BackupPlan
     run_dir: pathlib.Path
-    socket: str
+    socket: str | None
     backup_xml: str
     checkpoint_xml: str
+    mode: str = "pull"
 
 
 def checkpoint_description(plan: BackupPlan, repository: Repository | None) -> str:
@@ -68,20 +72,27 @@ def checkpoint_description(plan: BackupPlan, repository: Repository | None) -> s
     return f"libvbackup {plan.level} backup of {plan.vm}{where}"
 
 
-def documents(plan: BackupPlan, run_dir: pathlib.Path, repository: Repository | None = None) -> Documents:
-    """The <domainbackup> and <domaincheckpoint> for a plan; names derive from ``run_dir``."""
-    socket = str(run_dir / "nbd.sock")
+def documents(plan: BackupPlan, run_dir: pathlib.Path, repository: Repository | None = None,
+              mode: str = "pull") -> Documents:
+    """The <domainbackup> and <domaincheckpoint> for a plan; names derive from ``run_dir``.
+
+    Pull: an NBD socket and one scratch image per disk there. Push: one target image per disk.
+    """
+    socket = str(run_dir / "nbd.sock") if mode == "pull" else None
     bdisks = [
-        xmlgen.BackupDisk(name=d.name, scratch=str(run_dir / f"{d.name}.scratch.qcow2"), full=d.full)
+        xmlgen.BackupDisk(name=d.name, full=d.full,
+                          scratch=str(run_dir / f"{d.name}.scratch.qcow2") if mode == "pull" else None,
+                          target=str(run_dir / f"{d.name}.qcow2") if mode == "push" else None)
         for d in plan.disks
     ]
     bspec = xmlgen.BackupSpec(socket=socket, disks=bdisks, incremental=plan.parent)
+    build = xmlgen.backup_pull_xml if mode == "pull" else xmlgen.backup_push_xml
     cspec = xmlgen.CheckpointSpec(
         name=plan.checkpoint,
         disks=[xmlgen.CheckpointDisk(d.name, d.bitmap) for d in plan.disks],
         description=checkpoint_description(plan, repository),
     )
-    return Documents(plan, run_dir, socket, xmlgen.backup_pull_xml(bspec), xmlgen.checkpoint_xml(cspec))
+    return Documents(plan, run_dir, socket, build(bspec), xmlgen.checkpoint_xml(cspec), mode)
 
 
 def plan_summary(plan: BackupPlan) -> dict:
@@ -137,11 +148,11 @@ def _unusable_fn(dom: Domain, manifest: mf.Manifest, dry_run: bool, redefined: l
 
 
 def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental, level=None,
-             disks, exclude, scratch_dir, dry_run=False,
+             disks, exclude, scratch_dir, dry_run=False, mode="pull",
              redefined: list | None = None) -> tuple[str, Documents, mf.Manifest, ParentChoice]:
     vm = dom.name
     if not dom.is_running():
-        raise StateError(f"VM {vm!r} is not running; a pull backup needs a running VM",
+        raise StateError(f"VM {vm!r} is not running; a backup needs a running VM",
                          f"start it with: virsh start {vm}")
     if dom.has_backup_job():
         raise StateError(f"VM {vm!r} already has a backup job running (another tool's?)",
@@ -161,12 +172,23 @@ def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental, le
                 "run a full backup (without --incremental) to start a new chain",
             )
     run_dir = _scratch_base(scratch_dir) / f"libvbackup-{vm}-{plan.checkpoint}"
-    return domain_xml, documents(plan, run_dir, repository), manifest, choice
+    return domain_xml, documents(plan, run_dir, repository, mode), manifest, choice
 
 
-def pull(
+def pull(vm: str, **kw) -> dict:
+    """Pull-mode backup: libvirt exports each disk over NBD and libvbackup copies it."""
+    return backup(vm, mode="pull", **kw)
+
+
+def push(vm: str, **kw) -> dict:
+    """Push-mode backup: QEMU writes each disk into an image libvbackup prepared."""
+    return backup(vm, mode="push", **kw)
+
+
+def backup(
     vm: str,
     *,
+    mode: str = "pull",
     repo: str,
     uri: str | None = None,
     checkpoint: str | None = None,
@@ -180,7 +202,7 @@ def pull(
     scratch_limit: int | None = None,
     on_job_started: Callable[[], None] | None = None,
 ) -> dict:
-    """Take a pull-mode backup of a running VM; returns a JSON-able summary.
+    """Take a backup of a running VM (``mode`` pull or push); returns a JSON-able summary.
 
     ``on_job_started`` is called once the point in time is fixed (job and checkpoint exist)
     and before copying starts: the place to thaw guest file systems frozen before the call.
@@ -203,7 +225,8 @@ def pull(
                 recover(repository, vm, dom)
         redefined: list[str] = []
         kw = dict(checkpoint=checkpoint, incremental=incremental, level=level, disks=disks,
-                  exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run, redefined=redefined)
+                  exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run, redefined=redefined,
+                  mode=mode)
         # Plan before taking the lock, so that bad input changes nothing, not even a directory.
         domain_xml, docs, manifest, choice = _prepare(dom, repository, **kw)
         extra = {"requested_level": level or ("inc" if incremental else "full"),
@@ -285,6 +308,7 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
     state = {
         "pid": os.getpid(), "started": _now(), "vm": vm, "checkpoint": plan.checkpoint,
         "run_dir": str(docs.run_dir), "partial": str(partial), "final": str(final), "job": False,
+        "mode": docs.mode,
     }
     started, t0 = _now(), time.monotonic()
     repository.write_run(vm, state)
@@ -294,37 +318,12 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
         partial.mkdir(mode=0o700)
         state["job"] = True
         repository.write_run(vm, state)
-        log.info("starting %s backup %s of %s", plan.level, plan.checkpoint, vm)
-        dom.backup_begin(docs.backup_xml, docs.checkpoint_xml)
-        bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
-        if on_job_started is not None:
-            on_job_started()
-
-        jobs = []
-        for d in plan.disks:
-            bitmap = None if d.full else bitmaps.get(d.name)
-            if not d.full and bitmap is None:
-                raise StateError(f"libvirt exported disk {d.name} without a dirty bitmap")
-            src = nbdio.connect_export(docs.socket, d.name, bitmap)
-            handles.append(src)
-            size = nbdio.size(src)
-            image = partial / f"{d.name}.qcow2"
-            qemuimg.create(str(image), size, backing=f"../{d.backing}" if d.backing else None)
-            dst = nbdio.open_image(str(image))
-            handles.append(dst)
-            parent_sums = _parent_sums(repository, vm, manifest, plan, d.name, size) if not d.full else None
-            hasher = checksum.BlockHasher(size, parent_sums=parent_sums)
-            jobs.append((d, src, dst, bitmap, size, hasher))
-
-        watch = _scratch_watch(dom, docs.run_dir, scratch_limit)
-        watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
-        stats = _copy_all(jobs, progress_mode, watch, lambda doc: repository.write_progress(vm, doc))
-        for d, _s, _d, _b, _size, hasher in jobs:
+        log.info("starting %s %s backup %s of %s", plan.level, docs.mode, plan.checkpoint, vm)
+        phase = _pull_phase if docs.mode == "pull" else _push_phase
+        results = phase(repository, dom, docs, manifest, partial, progress_mode, on_job_started,
+                        scratch_limit, handles)
+        for d, _size, _stats, hasher in results:
             _write_private(partial / f"{d.name}.sums", bytes(hasher.sums))
-        for h in handles:
-            nbdio.close(h)
-        handles.clear()  # frees the handles: the qemu-nbd children exit
-        dom.abort_job()
         chk_xml = dom.checkpoint_xml(plan.checkpoint)
 
         os.rename(partial, final)
@@ -332,15 +331,15 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
         disks = {
             d.name: mf.PointDisk(
                 name=d.name, image=f"{plan.checkpoint}/{d.name}.qcow2", backing=d.backing,
-                size=size, bytes_copied=stats[d.name].bytes_copied,
-                bytes_zeroed=stats[d.name].bytes_zeroed, bitmap=d.bitmap, source_format=d.format,
+                size=size, bytes_copied=stats.bytes_copied,
+                bytes_zeroed=stats.bytes_zeroed, bitmap=d.bitmap, source_format=d.format,
                 blkhash=checksum.digest_of(hasher.sums), block_size=hasher.block,
             )
-            for d, _s, _d, _b, size, hasher in jobs
+            for d, size, stats, hasher in results
         }
         seconds = round(time.monotonic() - t0, 3)
         point = mf.Point(
-            checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode="pull",
+            checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode=docs.mode,
             started=started, completed=_now(), seconds=seconds, disks=disks,
             domain_xml=domain_xml, checkpoint_xml=chk_xml,
         )
@@ -364,7 +363,7 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
         raise
     return {
         **plan_summary(plan),
-        "mode": "pull",
+        "mode": docs.mode,
         "seconds": seconds,
         "disks": {
             name: {
@@ -379,6 +378,121 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
             for name, pd in disks.items()
         },
     }
+
+
+def _pull_phase(repository, dom, docs, manifest, partial, progress_mode, on_job_started,
+                scratch_limit, handles) -> list:
+    """Start the pull job and copy every disk's export into a new image in ``partial``."""
+    plan, vm = docs.plan, docs.plan.vm
+    dom.backup_begin(docs.backup_xml, docs.checkpoint_xml)
+    bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
+    if on_job_started is not None:
+        on_job_started()
+    jobs = []
+    for d in plan.disks:
+        bitmap = None if d.full else bitmaps.get(d.name)
+        if not d.full and bitmap is None:
+            raise StateError(f"libvirt exported disk {d.name} without a dirty bitmap")
+        src = nbdio.connect_export(docs.socket, d.name, bitmap)
+        handles.append(src)
+        size = nbdio.size(src)
+        image = partial / f"{d.name}.qcow2"
+        qemuimg.create(str(image), size, backing=f"../{d.backing}" if d.backing else None)
+        dst = nbdio.open_image(str(image))
+        handles.append(dst)
+        parent_sums = _parent_sums(repository, vm, manifest, plan, d.name, size) if not d.full else None
+        jobs.append((d, src, dst, bitmap, size, checksum.BlockHasher(size, parent_sums=parent_sums)))
+    watch = _scratch_watch(dom, docs.run_dir, scratch_limit)
+    watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
+    stats = _copy_all(jobs, progress_mode, watch, lambda doc: repository.write_progress(vm, doc))
+    for h in handles:
+        nbdio.close(h)
+    handles.clear()  # frees the handles: the qemu-nbd children exit
+    dom.abort_job()
+    return [(d, size, stats[d.name], hasher) for d, _s, _d, _b, size, hasher in jobs]
+
+
+def _push_phase(repository, dom, docs, manifest, partial, progress_mode, on_job_started,
+                scratch_limit, handles) -> list:
+    """QEMU writes each disk into a target we created in the run directory; we wait for the job.
+
+    The targets live in the run directory because QEMU's user cannot reach into the private
+    repository; an incremental target already carries its final relative backing file
+    (``../<parent>/<disk>.qcow2``, unresolvable there and not needed by QEMU), and is moved
+    into ``partial`` when the job succeeded. Checksums are then computed by re-reading only the
+    blocks that the image's own layer holds.
+    """
+    plan, vm = docs.plan, docs.plan.vm
+    ids = _qemu_ids()
+    sizes = {}
+    for d in plan.disks:
+        sizes[d.name] = dom.disk_capacity(d.name)
+        target = docs.run_dir / f"{d.name}.qcow2"
+        qemuimg.create(str(target), sizes[d.name], backing=f"../{d.backing}" if d.backing else None,
+                       unsafe=True)
+        if ids and os.geteuid() == 0:
+            os.chown(target, *ids)
+    dom.backup_begin(docs.backup_xml, docs.checkpoint_xml, reuse_external=True)
+    if on_job_started is not None:
+        on_job_started()
+    prog = Progress(progress_mode, sink=lambda doc: repository.write_progress(vm, doc))
+    prog.add("all disks", 0)
+    watch = _scratch_watch(dom, docs.run_dir, scratch_limit)
+    with prog:
+        while True:
+            st = dom.job_stats()
+            if st.get("operation") != _JOB_OPERATION_BACKUP or not st.get("type"):
+                break
+            prog.totals["all disks"] = st.get("disk_total", 0)
+            prog.done["all disks"] = st.get("disk_processed", 0)
+            watch()
+            time.sleep(0.1)
+    done = dom.completed_job_stats()
+    if not done.get("success", False):
+        raise CopyError(f"the push backup failed: {done.get('errmsg') or 'libvirt reports no reason'}")
+    results = []
+    for d in plan.disks:
+        image = partial / f"{d.name}.qcow2"
+        _move_private(docs.run_dir / f"{d.name}.qcow2", image)
+        size = sizes[d.name]
+        parent_sums = _parent_sums(repository, vm, manifest, plan, d.name, size) if not d.full else None
+        hasher = checksum.BlockHasher(size, parent_sums=parent_sums)
+        stats = nbdio.CopyStats()
+        touched = set()
+        for start, length, zero in qemuimg.own_extents(str(image)):
+            if zero:
+                stats.bytes_zeroed += length
+            else:
+                stats.bytes_copied += length
+            touched.update(range(start // hasher.block, (start + length - 1) // hasher.block + 1))
+        h = nbdio.open_image(str(image), readonly=True)
+        handles.append(h)
+        for b in sorted(touched):
+            off = b * hasher.block
+            hasher.set_block(off, nbdio.pread(h, min(hasher.block, size - off), off))
+        nbdio.close(h)
+        handles.remove(h)
+        results.append((d, size, stats, hasher))
+    return results
+
+
+def _move_private(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Move an image QEMU wrote into the repository: root-owned, 0600, on disk."""
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        # Another file system: copy sparsely (holes stay holes), then drop the original.
+        subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+        src.unlink()
+    os.chown(dst, 0, 0) if os.geteuid() == 0 else None
+    os.chmod(dst, 0o600)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _scratch_watch(dom: Domain, run_dir: pathlib.Path, limit: int | None) -> Callable[[], None]:

@@ -279,6 +279,13 @@ def _strerror(errno: int) -> str:
     return os.strerror(errno)
 
 
+def pread(h: "nbd.NBD", length: int, offset: int) -> bytes:
+    try:
+        return h.pread(length, offset)
+    except nbd.Error as e:
+        raise _err(f"reading offset {offset} failed", e) from e
+
+
 def read_blocks(h: "nbd.NBD", block: int) -> Iterator[tuple[int, int, bytes | None]]:
     """Every block of the export in order: ``(offset, length, data)``, data None for zeroes.
 

@@ -23,11 +23,14 @@ def _run(argv: list[str]) -> str:
     return p.stdout
 
 
-def create(path: str, size: int, backing: str | None = None) -> None:
-    """A new qcow2 image; ``backing`` is a path relative to the new image's directory."""
+def create(path: str, size: int, backing: str | None = None, unsafe: bool = False) -> None:
+    """A new qcow2 image; ``backing`` is a path relative to the new image's directory.
+
+    ``unsafe``: the backing file need not be reachable yet (the image is moved later).
+    """
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=1.1"]
     if backing:
-        argv += ["-b", backing, "-F", "qcow2"]
+        argv += ["-b", backing, "-F", "qcow2"] + (["-u"] if unsafe else [])
     argv += [path, str(size)]
     _run(argv)
 
@@ -49,3 +52,12 @@ def convert(src: str, dst: str, out_format: str) -> None:
     if out_format == "qcow2":
         argv += ["-o", "compat=1.1"]
     _run(argv + [src, dst])
+
+
+def own_extents(path: str) -> list[tuple[int, int, bool]]:
+    """(start, length, zero) of the ranges the image's own layer holds (not its backing chain)."""
+    out = []
+    for e in json.loads(_run(["qemu-img", "map", "--output=json", path])):
+        if e.get("depth", 0) == 0 and e.get("present", True) and (e.get("data") or e.get("zero")):
+            out.append((e["start"], e["length"], not e.get("data")))
+    return out

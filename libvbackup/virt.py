@@ -118,10 +118,19 @@ class Domain:
             return _msg(e)
         return None
 
-    def backup_begin(self, backup_xml: str, checkpoint_xml: str | None) -> None:
+    def disk_capacity(self, target: str) -> int:
+        return int(self._call(f"read the size of disk {target}", "blockInfo", target, 0)[0])
+
+    def completed_job_stats(self) -> dict:
+        """Statistics of the job that ended last: ``success``, ``errmsg``, ``disk_processed``…"""
+        return self._call("read the completed job", "jobStats", libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+
+    def backup_begin(self, backup_xml: str, checkpoint_xml: str | None, reuse_external: bool = False) -> None:
         # Not retried: a second begin after an unknown outcome could start a second job.
+        # REUSE_EXTERNAL (push): QEMU writes into the targets we created, keeping their backing.
+        flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if reuse_external else 0
         try:
-            self._dom.backupBegin(backup_xml, checkpoint_xml, 0)
+            self._dom.backupBegin(backup_xml, checkpoint_xml, flags)
         except libvirt.libvirtError as e:
             raise LibvirtError(f"cannot start the backup job of VM {self.name!r}: {_msg(e)}") from e
 

@@ -25,11 +25,12 @@ class BackupDisk:
     backup: bool = True
     scratch: str | None = None  # pull mode: absolute path of the scratch qcow2
     full: bool = False  # in an incremental job: copy this disk in full (backupmode='full')
+    target: str | None = None  # push mode: absolute path of the pre-created target image
 
 
 @dataclasses.dataclass(frozen=True)
 class BackupSpec:
-    socket: str  # absolute path of the NBD unix socket
+    socket: str | None  # pull mode: absolute path of the NBD unix socket
     disks: Sequence[BackupDisk]
     incremental: str | None = None  # checkpoint the job is incremental from
 
@@ -76,17 +77,42 @@ def backup_pull_xml(spec: BackupSpec) -> str:
         el = _load("backup-disk-pull.xml")
         el.set("name", d.name)
         el.set("exportname", d.name)
-        if spec.incremental:
-            # Per disk: a disk whose bitmap cannot serve (raw, new since the parent) is copied
-            # in full inside the same incremental job.
-            if d.full:
-                el.set("backupmode", "full")
-            else:
-                el.set("backupmode", "incremental")
-                el.set("incremental", spec.incremental)
+        _disk_mode(el, d, spec.incremental)
         if d.scratch is None:
             raise ValueError(f"pull-mode disk {d.name} needs a scratch file")
         el.find("scratch").set("file", d.scratch)
+        disks.append(el)
+    return _serialise(root)
+
+
+def _disk_mode(el: etree._Element, d: BackupDisk, incremental: str | None) -> None:
+    if incremental:
+        # Per disk: a disk whose bitmap cannot serve (raw, new since the parent) is copied
+        # in full inside the same incremental job.
+        if d.full:
+            el.set("backupmode", "full")
+        else:
+            el.set("backupmode", "incremental")
+            el.set("incremental", incremental)
+
+
+def backup_push_xml(spec: BackupSpec) -> str:
+    root = _load("backup-push.xml")
+    if spec.incremental:
+        inc = etree.Element("incremental")
+        inc.text = spec.incremental
+        root.insert(0, inc)
+    disks = root.find("disks")
+    for d in spec.disks:
+        if not d.backup:
+            etree.SubElement(disks, "disk", name=d.name, backup="no")
+            continue
+        if d.target is None:
+            raise ValueError(f"push-mode disk {d.name} needs a target file")
+        el = _load("backup-disk-push.xml")
+        el.set("name", d.name)
+        _disk_mode(el, d, spec.incremental)
+        el.find("target").set("file", d.target)
         disks.append(el)
     return _serialise(root)
 

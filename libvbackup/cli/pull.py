@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from ..backup import pull as pull_op
+from ..backup import backup as backup_op
 from ..errors import UsageError
 from ..plan import parse_size
 from .common import JsonOpt, RepoOpt, UriOpt, as_list, emit_json, human, repo_path
@@ -62,12 +62,18 @@ def pull(
     ),
     json_out: bool = JsonOpt,
 ) -> None:
+    run(mode="pull", **locals())
+
+
+def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclude, scratch_dir,
+        scratch_limit, uri, dry_run, progress, json_out) -> None:
+    """Shared by pull and push: options to keyword arguments, the result to text or JSON."""
     if progress not in ("auto", "bar", "plain", "none"):
         raise UsageError(f"--progress {progress!r}: use auto, bar, plain or none")
     if progress == "auto":
         progress = "bar" if sys.stderr.isatty() and not json_out else "none"
-    result = pull_op(
-        vm, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
+    result = backup_op(
+        vm, mode=mode, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
         disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
         progress=progress, scratch_limit=parse_size(scratch_limit) if scratch_limit else None,
     )
@@ -89,7 +95,7 @@ def pull(
         typer.echo(result["checkpoint_xml"], nl=False)
         return
     since = f" since {result['parent']}" if result["parent"] else ""
-    typer.echo(f"{result['level']} backup {result['checkpoint']} of {vm}{since} "
+    typer.echo(f"{result['level']} {mode} backup {result['checkpoint']} of {vm}{since} "
                f"done in {result['seconds']:.1f} s")
     for name, d in result["disks"].items():
         note = f"  [{d['mode']}: {d['reason']}]" if d["reason"] else f"  [{d['mode']}]"
