@@ -206,3 +206,33 @@ def choose_parent(
         raise StateError(f"cannot back up incrementally from {candidate!r}: {why}",
                          "run a full backup (--level full) to start a new chain")
     return ParentChoice(None, f"checkpoint {candidate!r} cannot serve ({why}); taking a full backup")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    vm: str
+    keep: tuple[str, ...]  # points that stay, oldest first
+    remove: tuple[str, ...]  # points whose images and checkpoints go
+    flatten: tuple[tuple[str, str], ...]  # (point, disk): image rebased onto nothing first
+
+
+def plan_prune(manifest: Manifest, keep: int) -> PrunePlan:
+    """Keep the newest ``keep`` points restorable; everything older goes.
+
+    A kept point's ancestors are all older than it, so they are either kept too or all go:
+    a kept point whose parent goes becomes the start of its chain, each of its incremental
+    images rebased onto nothing (it then holds everything it needs).
+    """
+    if keep < 1:
+        raise UsageError("--keep must be at least 1")
+    kept = manifest.points[-keep:]
+    kept_names = {p.checkpoint for p in kept}
+    remove = tuple(p.checkpoint for p in manifest.points if p.checkpoint not in kept_names)
+    flatten = tuple(
+        (p.checkpoint, name)
+        for p in kept
+        if p.parent is not None and p.parent not in kept_names
+        for name, d in p.disks.items()
+        if d.backing is not None
+    )
+    return PrunePlan(manifest.vm, tuple(p.checkpoint for p in kept), remove, flatten)

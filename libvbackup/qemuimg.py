@@ -61,3 +61,11 @@ def own_extents(path: str) -> list[tuple[int, int, bool]]:
         if e.get("depth", 0) == 0 and e.get("present", True) and (e.get("data") or e.get("zero")):
             out.append((e["start"], e["length"], not e.get("data")))
     return out
+
+
+def flatten(path: str) -> None:
+    """Make an image self-contained: copy in what its backing chain provides, drop the backing.
+
+    Safe-mode rebase: interrupted, the image is still correct with its old backing file.
+    """
+    _run(["qemu-img", "rebase", "-q", "-t", "writeback", "-f", "qcow2", "-b", "", path])

@@ -12,7 +12,7 @@ import typer
 
 from .. import __version__
 from ..errors import Error
-from . import lifecycle_cmds, list_cmd, pull, push, restore, verify
+from . import lifecycle_cmds, list_cmd, prune, pull, push, restore, verify
 
 app = typer.Typer(
     name="libvbackup",
@@ -84,7 +84,8 @@ def errors_to_exit_codes(fn: Callable) -> Callable:
 
 
 for _name, _mod, _fn in (("pull", pull, pull.pull), ("push", push, push.push), ("list", list_cmd, list_cmd.list_),
-                         ("restore", restore, restore.restore), ("verify", verify, verify.verify)):
+                         ("restore", restore, restore.restore), ("verify", verify, verify.verify),
+                         ("prune", prune, prune.prune)):
     app.command(_name, help=_mod.__doc__)(errors_to_exit_codes(_fn))
 for _fn in (lifecycle_cmds.checkpoints, lifecycle_cmds.status, lifecycle_cmds.abort):
     app.command(_fn.__name__, help=_fn.__doc__)(errors_to_exit_codes(_fn))
