@@ -90,7 +90,8 @@ class BlockHasher:
     def data(self, offset: int, data: bytes) -> None:
         pos = 0
         for b, start, n in self._blocks(offset, len(data)):
-            self._pieces.setdefault(b, []).append((start, data[pos:pos + n]))
+            piece = data if n == len(data) else data[pos:pos + n]
+            self._pieces.setdefault(b, []).append((start, piece))
             pos += n
             self._done(b)
 
@@ -114,6 +115,9 @@ class BlockHasher:
             return
         if not pieces:
             self.sums[b * DIGEST:(b + 1) * DIGEST] = zero_digest(length)
+            return
+        if len(pieces) == 1 and len(pieces[0][1]) == length:  # one request covered the block
+            self.sums[b * DIGEST:(b + 1) * DIGEST] = block_digest(pieces[0][1])
             return
         buf = bytearray(length)
         base = b * self.block

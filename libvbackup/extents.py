@@ -139,9 +139,15 @@ def plan(extents: Iterable[Extent], *, target_is_zero: bool, max_request: int) -
 
 
 def _split(op: Op, max_request: int) -> Iterator[Op]:
-    limit = max_request if op.kind == "copy" else MAX_ZERO
+    """Requests of at most ``limit`` bytes; copies are cut on multiples of ``max_request``.
+
+    Cutting copies on the grid rather than from the start of the extent keeps them aligned, so
+    a read is usually exactly one checksum block (hashed without being reassembled).
+    """
+    copy = op.kind == "copy"
+    limit = max_request if copy else MAX_ZERO
     pos = op.start
     while pos < op.end:
-        n = min(limit, op.end - pos)
+        n = min(limit - pos % limit if copy else limit, op.end - pos)
         yield Op(op.kind, pos, n)
         pos += n

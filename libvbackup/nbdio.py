@@ -26,8 +26,10 @@ from .errors import CopyError
 
 log = logging.getLogger(__name__)
 
-REQUEST_SIZE = 256 * 1024
-MAX_INFLIGHT = 64
+# Measured on a libvirt pull export into qemu-nbd/qcow2 (scripts/bench): 1 MiB x 16 in flight
+# beat nbdcopy's 256 KiB x 64 by about 10%; the same 16 MiB of buffers either way.
+REQUEST_SIZE = 1 << 20
+MAX_INFLIGHT = 16
 STATUS_RANGE = 1 << 30  # block status is asked for at most this much at a time
 
 ProgressFn = Callable[[int], None]
@@ -265,11 +267,9 @@ def copy(
             if progress:
                 progress(length)
     if hasher is not None:
+        # Blocks only partly dirty: their clean part is the parent's, read back through the chain.
         for offset, length in hasher.finish():
-            try:
-                hasher.set_block(offset, dst.pread(length, offset))
-            except nbd.Error as e:
-                raise _err(f"reading back the backup image at offset {offset} failed", e) from e
+            hasher.set_block(offset, pread(dst, length, offset))
     return stats
 
 

@@ -455,3 +455,11 @@ def test_property_repeated_merge_over_short_replies_covers_the_request(data):
         for blk in range(e.start // B, e.end // B):
             assert e.zero == bool(disk_alloc[blk] & STATE_ZERO)
             assert e.dirty == bool(disk_dirty[blk] & STATE_DIRTY)
+
+
+def test_copies_are_cut_on_the_request_grid():
+    exts = [Extent(1000, 3 * 64 * KiB, zero=False, dirty=True)]
+    ops = _plan(exts, target_is_zero=True, max_request=64 * KiB)
+    assert [o.start for o in ops] == [1000, 64 * KiB, 128 * KiB, 192 * KiB]
+    assert all(o.start % (64 * KiB) == 0 for o in ops[1:])
+    assert sum(o.length for o in ops) == 3 * 64 * KiB
