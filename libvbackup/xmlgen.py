@@ -62,9 +62,9 @@ def _serialise(root: etree._Element) -> str:
     return etree.tostring(root, pretty_print=True, encoding="unicode")
 
 
-def backup_pull_xml(spec: BackupSpec) -> str:
-    root = _load("backup-pull.xml")
-    root.find("server").set("socket", spec.socket)
+def _backup_xml(mode: str, spec: BackupSpec, fill) -> etree._Element:
+    """The job document of ``mode``: <incremental>, then one <disk> per disk, completed by ``fill``."""
+    root = _load(f"backup-{mode}.xml")
     if spec.incremental:
         inc = etree.Element("incremental")
         inc.text = spec.incremental
@@ -74,47 +74,40 @@ def backup_pull_xml(spec: BackupSpec) -> str:
         if not d.backup:
             etree.SubElement(disks, "disk", name=d.name, backup="no")
             continue
-        el = _load("backup-disk-pull.xml")
+        el = _load(f"backup-disk-{mode}.xml")
         el.set("name", d.name)
-        el.set("exportname", d.name)
-        _disk_mode(el, d, spec.incremental)
+        if spec.incremental:
+            # Per disk: a disk whose bitmap cannot serve (raw, new since the parent) is copied
+            # in full inside the same incremental job.
+            if d.full:
+                el.set("backupmode", "full")
+            else:
+                el.set("backupmode", "incremental")
+                el.set("incremental", spec.incremental)
+        fill(el, d)
+        disks.append(el)
+    return root
+
+
+def backup_pull_xml(spec: BackupSpec) -> str:
+    def fill(el: etree._Element, d: BackupDisk) -> None:
         if d.scratch is None:
             raise ValueError(f"pull-mode disk {d.name} needs a scratch file")
+        el.set("exportname", d.name)
         el.find("scratch").set("file", d.scratch)
-        disks.append(el)
+
+    root = _backup_xml("pull", spec, fill)
+    root.find("server").set("socket", spec.socket)
     return _serialise(root)
-
-
-def _disk_mode(el: etree._Element, d: BackupDisk, incremental: str | None) -> None:
-    if incremental:
-        # Per disk: a disk whose bitmap cannot serve (raw, new since the parent) is copied
-        # in full inside the same incremental job.
-        if d.full:
-            el.set("backupmode", "full")
-        else:
-            el.set("backupmode", "incremental")
-            el.set("incremental", incremental)
 
 
 def backup_push_xml(spec: BackupSpec) -> str:
-    root = _load("backup-push.xml")
-    if spec.incremental:
-        inc = etree.Element("incremental")
-        inc.text = spec.incremental
-        root.insert(0, inc)
-    disks = root.find("disks")
-    for d in spec.disks:
-        if not d.backup:
-            etree.SubElement(disks, "disk", name=d.name, backup="no")
-            continue
+    def fill(el: etree._Element, d: BackupDisk) -> None:
         if d.target is None:
             raise ValueError(f"push-mode disk {d.name} needs a target file")
-        el = _load("backup-disk-push.xml")
-        el.set("name", d.name)
-        _disk_mode(el, d, spec.incremental)
         el.find("target").set("file", d.target)
-        disks.append(el)
-    return _serialise(root)
+
+    return _serialise(_backup_xml("push", spec, fill))
 
 
 def checkpoint_xml(spec: CheckpointSpec) -> str:

@@ -54,3 +54,18 @@ def repo(workdir):
     r = workdir / "repo"
     r.mkdir(mode=0o700)
     return r
+
+
+@pytest.fixture
+def make_vm(lab):
+    """make_vm((size, fmt), ...) starts a throwaway VM, removed with everything it made."""
+    made = []
+
+    def make(*disks):
+        vm = lab.LabVM(list(disks)).start()
+        made.append(vm)
+        return vm
+
+    yield make
+    for vm in made:
+        vm.destroy()

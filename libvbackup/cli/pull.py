@@ -21,48 +21,66 @@ from ..plan import parse_size
 from .common import JsonOpt, RepoOpt, UriOpt, as_list, emit_json, human, repo_path
 
 
-def pull(
-    vm: str = typer.Argument(..., metavar="VM", help="Name of the libvirt domain (must be running)."),
-    repo: Optional[str] = RepoOpt,
-    incremental: Optional[str] = typer.Option(
-        None, "--incremental", "-i", metavar="CHECKPOINT",
-        help="Copy only what changed since this earlier checkpoint of the VM.",
-    ),
-    level: Optional[str] = typer.Option(
-        None, "--level", "-l", metavar="full|inc|diff|auto",
-        help="Instead of --incremental: inc = since the newest point, diff = since the newest full "
-             "point, auto = inc when the chain is usable, else full (says why), full.",
-    ),
-    checkpoint: Optional[str] = typer.Option(
-        None, "--checkpoint", metavar="NAME", help="Name of the new checkpoint [default: lvb-<repository tag>-<UTC time>].",
-    ),
-    disk: Optional[List[str]] = typer.Option(
-        None, "--disk", "-d", metavar="TARGET", help="Back up only this disk (e.g. vda); repeatable.",
-    ),
-    exclude: Optional[List[str]] = typer.Option(
-        None, "--exclude", "-x", metavar="TARGET", help="Leave this disk out; repeatable.",
-    ),
-    scratch_dir: Optional[str] = typer.Option(
-        None, "--scratch-dir", metavar="DIR",
-        help="Where QEMU keeps the old data of guest writes during the backup [default: /var/tmp].",
-    ),
-    scratch_limit: Optional[str] = typer.Option(
-        None, "--scratch-limit", metavar="SIZE",
-        help="Abort the backup (never the guest) when guest writes put more than SIZE (e.g. 10G) "
-             "into the scratch images. The backup is also aborted when less than 256 MiB is left "
-             "on the scratch file system.",
-    ),
-    uri: Optional[str] = UriOpt,
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
-    ),
-    progress: str = typer.Option(
-        "auto", "--progress", metavar="auto|bar|plain|none",
-        help="Progress on stderr: a bar on a terminal (auto), periodic lines (plain), or none.",
-    ),
-    json_out: bool = JsonOpt,
-) -> None:
-    run(mode="pull", **locals())
+SCRATCH_HELP = {
+    "pull": "Where QEMU keeps the old data of guest writes during the backup [default: /var/tmp].",
+    "push": "Where QEMU writes the images before they are moved into the repository "
+            "[default: /var/tmp]; best on the repository's file system.",
+}
+
+
+def backup_command(mode: str, doc: str):
+    """The pull and push commands: one signature, the mode bound here."""
+
+    def command(
+        vm: str = typer.Argument(..., metavar="VM", help="Name of the libvirt domain (must be running)."),
+        repo: Optional[str] = RepoOpt,
+        incremental: Optional[str] = typer.Option(
+            None, "--incremental", "-i", metavar="CHECKPOINT",
+            help="Copy only what changed since this earlier checkpoint of the VM.",
+        ),
+        level: Optional[str] = typer.Option(
+            None, "--level", "-l", metavar="full|inc|diff|auto",
+            help="Instead of --incremental: inc = since the newest point, diff = since the newest full "
+                 "point, auto = inc when the chain is usable, else full (says why), full.",
+        ),
+        checkpoint: Optional[str] = typer.Option(
+            None, "--checkpoint", metavar="NAME", help="Name of the new checkpoint [default: lvb-<repository tag>-<UTC time>].",
+        ),
+        disk: Optional[List[str]] = typer.Option(
+            None, "--disk", "-d", metavar="TARGET", help="Back up only this disk (e.g. vda); repeatable.",
+        ),
+        exclude: Optional[List[str]] = typer.Option(
+            None, "--exclude", "-x", metavar="TARGET", help="Leave this disk out; repeatable.",
+        ),
+        scratch_dir: Optional[str] = typer.Option(
+            None, "--scratch-dir", metavar="DIR",
+            help=SCRATCH_HELP[mode],
+        ),
+        scratch_limit: Optional[str] = typer.Option(
+            None, "--scratch-limit", metavar="SIZE",
+            help="Abort the backup (never the guest) when guest writes put more than SIZE (e.g. 10G) "
+                 "into the scratch images. The backup is also aborted when less than 256 MiB is left "
+                 "on the scratch file system.",
+        ),
+        uri: Optional[str] = UriOpt,
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
+        ),
+        progress: str = typer.Option(
+            "auto", "--progress", metavar="auto|bar|plain|none",
+            help="Progress on stderr: a bar on a terminal (auto), periodic lines (plain), or none.",
+        ),
+        json_out: bool = JsonOpt,
+    ) -> None:        run(mode=mode, vm=vm, repo=repo, incremental=incremental, level=level, checkpoint=checkpoint,
+            disk=disk, exclude=exclude, scratch_dir=scratch_dir, scratch_limit=scratch_limit, uri=uri,
+            dry_run=dry_run, progress=progress, json_out=json_out)
+
+    command.__doc__ = doc
+    command.__name__ = mode
+    return command
+
+
+pull = backup_command("pull", __doc__)
 
 
 def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclude, scratch_dir,

@@ -109,3 +109,8 @@ def tmpfs(path: pathlib.Path, size: str, options: str = ""):
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False)
+
+
+def snap(vm) -> dict[str, bytes]:
+    """What the guest wrote so far, disk by disk: what a backup taken now must restore."""
+    return {d.target: d.snapshot() for d in vm.disks}

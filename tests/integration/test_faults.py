@@ -40,10 +40,8 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.fixture
-def vm(lab):
-    v = lab.LabVM([(16 * MiB, "qcow2"), (8 * MiB, "qcow2")]).start()
-    yield v
-    v.destroy()
+def vm(make_vm):
+    return make_vm((16 * MiB, "qcow2"), (8 * MiB, "qcow2"))
 
 
 def start_stalled(vm, repo, chk, inc=""):

@@ -11,20 +11,15 @@ import pytest
 from libvbackup.backup import pull
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli
+from .helpers import MiB, assert_restores, cli, snap
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def vm(lab):
-    v = lab.LabVM([(8 * MiB, "qcow2"), (4 * MiB, "qcow2")]).start()
-    yield v
-    v.destroy()
+def vm(make_vm):
+    return make_vm((8 * MiB, "qcow2"), (4 * MiB, "qcow2"))
 
-
-def snap(vm):
-    return {d.target: d.snapshot() for d in vm.disks}
 
 
 def remove_bitmap(vm, name: str) -> None:

@@ -12,21 +12,16 @@ from libvbackup.errors import StateError
 from libvbackup.lifecycle import checkpoints, status
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli, leftovers
+from .helpers import MiB, assert_restores, cli, leftovers, snap
 from .test_faults import start_stalled
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def vm(lab):
-    v = lab.LabVM([(8 * MiB, "qcow2"), (4 * MiB, "qcow2")]).start()
-    yield v
-    v.destroy()
+def vm(make_vm):
+    return make_vm((8 * MiB, "qcow2"), (4 * MiB, "qcow2"))
 
-
-def snap(vm):
-    return {d.target: d.snapshot() for d in vm.disks}
 
 
 def test_two_repositories_back_up_one_vm_alternately(vm, workdir):

@@ -18,10 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def vm(lab):
-    v = lab.LabVM([(8 * MiB, "qcow2"), (4 * MiB, "raw")]).start()
-    yield v
-    v.destroy()
+def vm(make_vm):
+    return make_vm((8 * MiB, "qcow2"), (4 * MiB, "raw"))
 
 
 def test_prune_keeps_the_newest_points_byte_exact(vm, repo, workdir):

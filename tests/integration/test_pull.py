@@ -11,20 +11,15 @@ import pytest
 from libvbackup.backup import pull
 from libvbackup.repo import Repository
 
-from .helpers import MiB, KiB, assert_restores, leftovers, random_writes
+from .helpers import MiB, KiB, assert_restores, leftovers, random_writes, snap
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def vm(lab):
-    v = lab.LabVM([(24 * MiB, "qcow2"), (12 * MiB, "qcow2"), (6 * MiB, "raw")]).start()
-    yield v
-    v.destroy()
+def vm(make_vm):
+    return make_vm((24 * MiB, "qcow2"), (12 * MiB, "qcow2"), (6 * MiB, "raw"))
 
-
-def snap(vm) -> dict[str, bytes]:
-    return {d.target: d.snapshot() for d in vm.disks}
 
 
 def backing_of(path) -> str | None:

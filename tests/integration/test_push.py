@@ -13,20 +13,15 @@ from libvbackup.errors import Error
 from libvbackup.repo import Repository
 from libvbackup.verify import verify
 
-from .helpers import MiB, assert_restores, cli, leftovers, random_writes
+from .helpers import MiB, assert_restores, cli, leftovers, random_writes, snap
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def vm(lab):
-    v = lab.LabVM([(16 * MiB, "qcow2"), (8 * MiB, "qcow2"), (4 * MiB, "raw")]).start()
-    yield v
-    v.destroy()
+def vm(make_vm):
+    return make_vm((16 * MiB, "qcow2"), (8 * MiB, "qcow2"), (4 * MiB, "raw"))
 
-
-def snap(vm):
-    return {d.target: d.snapshot() for d in vm.disks}
 
 
 def backing_of(path) -> str | None:
