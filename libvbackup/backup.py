@@ -234,8 +234,8 @@ def backup(
         if dry_run:
             return {**plan_summary(docs.plan), **extra, "dry_run": True,
                     "backup_xml": docs.backup_xml, "checkpoint_xml": docs.checkpoint_xml}
-        if choice.reason:
-            log.warning("%s", choice.reason)
+        if choice.reason:  # reported to the caller in the result; the CLI prints it
+            log.info("%s", choice.reason)
         with repository.lock(vm), _signals_raise(), _umask(0o077):
             recover(repository, vm, dom)
             # Plan again under the lock: another run may have changed the repository.
