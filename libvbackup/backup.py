@@ -534,8 +534,8 @@ def _copy_all(jobs, progress_mode: str, watch: Callable[[], None] = lambda: None
                 errors.append(e)
             stop.set()
 
-    for d, src, _dst, _bitmap, size, _hasher in jobs:
-        prog.add(d.name, size)
+    for d, src, _dst, bitmap, _size, _hasher in jobs:
+        prog.add(d.name, nbdio.planned_bytes(src, bitmap, d.full))
     threads = [threading.Thread(target=one, args=(d, src, dst, bitmap, hasher), name=f"copy-{d.name}",
                                 daemon=True)
                for d, src, dst, bitmap, _, hasher in jobs]

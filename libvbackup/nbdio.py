@@ -179,6 +179,14 @@ def _ops(src: "nbd.NBD", size_: int, bitmap: str | None, target_is_zero: bool,
         pos = exts[-1].end
 
 
+def planned_bytes(src: "nbd.NBD", bitmap: str | None, target_is_zero: bool) -> int:
+    """How many bytes a copy will read or zero: a pass of block status only, O(1) memory.
+
+    Gives progress a true total (the disk size would count holes and clean ranges).
+    """
+    return sum(op.length for op in _ops(src, src.get_size(), bitmap, target_is_zero, extents.MAX_ZERO))
+
+
 def copy(
     src: "nbd.NBD",
     dst: "nbd.NBD",

@@ -47,11 +47,12 @@ class Progress:
     def line(self) -> str:
         with self._lock:
             done, total = sum(self.done.values()), sum(self.totals.values())
-            parts = [f"{d} {100 * self.done[d] / t:.0f}%" if t else f"{d} -" for d, t in self.totals.items()]
+            parts = [f"{d} {100 * self.done[d] / t:.0f}%" if t else f"{d} nothing to copy"
+                     for d, t in self.totals.items()]
         elapsed = max(time.monotonic() - self._start, 1e-6)
         rate = done / elapsed
         eta = f", ETA {max(total - done, 0) / rate:.0f} s" if rate > 0 and total else ""
-        return f"{_human(done)} of {_human(total)} at {_human(rate)}/s{eta} [{', '.join(parts)}]"
+        return f"{_human(done)} of {_human(total)} done at {_human(rate)}/s{eta} [{', '.join(parts)}]"
 
     def snapshot(self) -> dict:
         with self._lock:
