@@ -108,16 +108,9 @@ def merge(
     return out
 
 
-def plan(extents: Iterable[Extent], *, target_is_zero: bool, max_request: int) -> Iterator[Op]:
-    """The NBD operations that make the target equal the source on the dirty extents.
-
-    - clean extents: nothing (the backing image already holds them);
-    - dirty extents that read as zeroes: a zero request, never a read. Skipped only when the
-      target already reads as zero there (``target_is_zero``: a new image with no backing).
-      In an incremental image the older data underneath would otherwise show through;
-    - dirty data: reads of at most ``max_request`` bytes.
-    """
-    pending: Op | None = None
+def _kinds(extents: Iterable[Extent], target_is_zero: bool) -> Iterator[tuple[int, int, str | None]]:
+    """(start, end, kind) runs: kind "copy", "zero", or None (nothing to do), adjacent runs joined."""
+    run: list | None = None
     for e in extents:
         if not e.dirty:
             kind = None
@@ -125,15 +118,85 @@ def plan(extents: Iterable[Extent], *, target_is_zero: bool, max_request: int) -
             kind = None if target_is_zero else "zero"
         else:
             kind = "copy"
-        if pending is not None and (kind != pending.kind or e.start != pending.end):
+        if run is not None and run[2] == kind and run[1] == e.start:
+            run[1] = e.end
+            continue
+        if run is not None:
+            yield tuple(run)
+        run = [e.start, e.end, kind]
+    if run is not None:
+        yield tuple(run)
+
+
+def _resolve(kinds: set) -> str | None:
+    """One cluster's operation from the kinds of its pieces.
+
+    Partly dirty, or zero beside data or beside clean bytes: the whole cluster is copied, read
+    from the export, which holds the clean bytes too (they equal the parent's).
+    """
+    if kinds == {None}:
+        return None
+    if kinds == {"zero"}:
+        return "zero"
+    return "copy"
+
+
+def _quantize(runs: Iterable[tuple[int, int, str | None]], granularity: int
+              ) -> Iterator[tuple[int, int, str | None]]:
+    """Runs widened to whole clusters of ``granularity`` bytes (the disk's last one may be short)."""
+    acc_start, acc = -1, set()
+    for s, e, kind in runs:
+        pos = s
+        while pos < e:
+            c0 = pos - pos % granularity
+            if pos == c0 and e - pos >= granularity:
+                stop = e - (e - pos) % granularity
+                yield pos, stop, kind
+                pos = stop
+                continue
+            # A piece of a cluster: remember its kind until the cluster (or the input) ends.
+            if acc_start != c0:
+                if acc_start >= 0:
+                    yield acc_start, acc_end, _resolve(acc)
+                acc_start, acc = c0, set()
+            acc.add(kind)
+            acc_end = min(e, c0 + granularity)
+            pos = acc_end
+            if acc_end == c0 + granularity:
+                yield c0, acc_end, _resolve(acc)
+                acc_start, acc = -1, set()
+    if acc_start >= 0:
+        yield acc_start, acc_end, _resolve(acc)
+
+
+def plan(extents: Iterable[Extent], *, target_is_zero: bool, max_request: int,
+         granularity: int = 1) -> Iterator[Op]:
+    """The NBD operations that make the target equal the source on the dirty extents.
+
+    - clean extents: nothing (the backing image already holds them);
+    - dirty extents that read as zeroes: a zero request, never a read. Skipped only when the
+      target already reads as zero there (``target_is_zero``: a new image with no backing).
+      In an incremental image the older data underneath would otherwise show through;
+    - dirty data: reads of at most ``max_request`` bytes.
+
+    With ``granularity`` (a qcow2 target's cluster size) every operation covers whole clusters
+    (``_resolve`` says which); extents must then start on a cluster boundary, and end on one
+    unless the disk ends there.
+    """
+    runs = _kinds(extents, target_is_zero)
+    if granularity > 1:
+        runs = _quantize(runs, granularity)
+    pending: Op | None = None
+    for start, end, kind in runs:
+        if pending is not None and (kind != pending.kind or start != pending.end):
             yield from _split(pending, max_request)
             pending = None
         if kind is None:
             continue
         if pending is None:
-            pending = Op(kind, e.start, e.length)
+            pending = Op(kind, start, end - start)
         else:
-            pending = Op(kind, pending.start, pending.length + e.length)
+            pending = Op(kind, pending.start, end - pending.start)
     if pending is not None:
         yield from _split(pending, max_request)
 

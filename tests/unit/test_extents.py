@@ -463,3 +463,46 @@ def test_copies_are_cut_on_the_request_grid():
     assert [o.start for o in ops] == [1000, 64 * KiB, 128 * KiB, 192 * KiB]
     assert all(o.start % (64 * KiB) == 0 for o in ops[1:])
     assert sum(o.length for o in ops) == 3 * 64 * KiB
+
+
+@PROPERTY
+@given(plan_cases(), st.sampled_from([2, 3, 4, 8]), st.data())
+def test_property_cluster_plans_cover_whole_clusters_and_reproduce_the_source(case, per_cluster, data):
+    """A qcow2 target takes whole clusters: partly dirty clusters are copied whole from the
+    export, whose clean bytes equal the parent's; a cluster is zeroed only when all of it is a
+    dirty zero range; a cluster with nothing dirty is never touched."""
+    start, end, alloc, dirty, max_request, max_zero = case
+    g = per_cluster * B
+    start_al = start - start % g  # extents start on a cluster boundary
+    shift = start - start_al
+    start, end = start_al, end - shift
+    nblocks = (end - start) // B
+    target_is_zero = dirty is None and data.draw(st.booleans())
+    exts = _merge(start, end, alloc, dirty)
+    alloc_b = _per_block(alloc)[:nblocks]
+    dirty_b = [True] * nblocks if dirty is None else [bool(f & STATE_DIRTY) for f in _per_block(dirty)[:nblocks]]
+    source = [0 if f & STATE_ZERO else 1000 + i for i, f in enumerate(alloc_b)]
+    if target_is_zero:
+        backing = [0] * nblocks
+    else:
+        old = data.draw(st.lists(st.sampled_from([0, -1, -2]), min_size=nblocks, max_size=nblocks))
+        backing = [source[i] if not dirty_b[i] else old[i] for i in range(nblocks)]
+    max_request = max_request * per_cluster
+    with mock.patch.object(extents, "MAX_ZERO", max_zero * per_cluster):
+        ops = list(extents.plan(exts, target_is_zero=target_is_zero, max_request=max_request, granularity=g))
+    for a, b in zip(ops, ops[1:]):
+        assert a.end <= b.start
+    for op in ops:
+        assert op.start % g == 0 and (op.end % g == 0 or op.end == end)
+        assert start <= op.start < op.end <= end
+        blocks = range((op.start - start) // B, (op.end - start) // B)
+        for c in range(op.start, op.end, g):  # every touched cluster has something dirty
+            cb = range((c - start) // B, (min(c + g, end) - start) // B)
+            assert any(dirty_b[i] for i in cb)
+            if op.kind == "zero":
+                assert all(dirty_b[i] and source[i] == 0 for i in cb)
+        if op.kind == "copy":
+            assert op.length <= max_request
+        else:
+            assert not target_is_zero
+    assert _apply(ops, source, backing, start) == source
