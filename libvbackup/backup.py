@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Callable, Iterator, Sequence
 
-from . import checksum, domxml, manifest as mf, nbdio, qemuimg, xmlgen
+from . import checksum, domxml, manifest as mf, nbdio, qemuimg, target as tgt, xmlgen
 from .errors import CopyError, Error, Interrupted, RepositoryError, StateError, UsageError
 from .plan import BackupPlan, ParentChoice, choose_parent, plan_backup
 from .progress import Progress
@@ -352,7 +352,7 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
         with _signals_deferred() as pending:
             for h in handles:
                 with contextlib.suppress(Exception):
-                    nbdio.close(h)
+                    _release(h)
             handles.clear()
             try:
                 cleanup(repository, vm, dom, state)
@@ -395,19 +395,21 @@ def _pull_phase(repository, dom, docs, manifest, partial, progress_mode, on_job_
             raise StateError(f"libvirt exported disk {d.name} without a dirty bitmap")
         src = nbdio.connect_export(docs.socket, d.name, bitmap)
         handles.append(src)
+        more = nbdio.more_connections(src, docs.socket, d.name, bitmap, nbdio.CONNECTIONS - 1)
+        handles.extend(more)
         size = nbdio.size(src)
         image = partial / f"{d.name}.qcow2"
-        qemuimg.create(str(image), size, backing=f"../{d.backing}" if d.backing else None)
-        dst = nbdio.open_image(str(image))
+        dst = tgt.Qcow2Target(str(image), size, backing=f"../{d.backing}" if d.backing else None)
         handles.append(dst)
+        src = [src, *more]
         parent_sums = _parent_sums(repository, vm, manifest, plan, d.name, size) if not d.full else None
         jobs.append((d, src, dst, bitmap, size, checksum.BlockHasher(size, parent_sums=parent_sums)))
     watch = _scratch_watch(dom, docs.run_dir, scratch_limit)
     watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
     stats = _copy_all(jobs, progress_mode, watch, lambda doc: repository.write_progress(vm, doc))
     for h in handles:
-        nbdio.close(h)
-    handles.clear()  # frees the handles: the qemu-nbd children exit
+        _release(h)
+    handles.clear()
     dom.abort_job()
     return [(d, size, stats[d.name], hasher) for d, _s, _d, _b, size, hasher in jobs]
 
@@ -476,6 +478,14 @@ def _push_phase(repository, dom, docs, manifest, partial, progress_mode, on_job_
     return results
 
 
+def _release(h) -> None:
+    """Close an NBD handle (a socket-activated qemu-nbd exits with it) or an image target."""
+    if isinstance(h, tgt.Target):
+        h.close()
+    else:
+        nbdio.close(h)
+
+
 def _move_private(src: pathlib.Path, dst: pathlib.Path) -> None:
     """Move an image QEMU wrote into the repository: root-owned, 0600, on disk."""
     try:
@@ -525,17 +535,15 @@ def _copy_all(jobs, progress_mode: str, watch: Callable[[], None] = lambda: None
 
     def one(d, src, dst, bitmap, hasher):
         try:
-            results[d.name] = nbdio.copy(src, dst, bitmap=bitmap, target_is_zero=d.full,
-                                         progress=prog.callback(d.name), should_stop=stop.is_set,
-                                         hasher=hasher)
-            nbdio.close(dst, flush=True)
+            results[d.name] = nbdio.copy(src, dst, bitmap=bitmap, progress=prog.callback(d.name),
+                                         should_stop=stop.is_set, hasher=hasher)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             if not stop.is_set():
                 errors.append(e)
             stop.set()
 
-    for d, src, _dst, bitmap, _size, _hasher in jobs:
-        prog.add(d.name, nbdio.planned_bytes(src, bitmap, d.full))
+    for d, src, dst, bitmap, _size, _hasher in jobs:
+        prog.add(d.name, nbdio.planned_bytes(src[0], bitmap, dst.reads_as_zero, dst.granularity))
     threads = [threading.Thread(target=one, args=(d, src, dst, bitmap, hasher), name=f"copy-{d.name}",
                                 daemon=True)
                for d, src, dst, bitmap, _, hasher in jobs]

@@ -19,6 +19,7 @@ twice where it can: it is told of every operation as it is queued (``issue``) an
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Iterable
 
 BLOCK = 1 << 20
@@ -65,6 +66,7 @@ class BlockHasher:
         self._pieces: dict[int, list[tuple[int, bytes]]] = {}
         self._frontier = 0  # no operation will be queued below this block any more
         self.reread: list[int] = []
+        self._lock = threading.Lock()
 
     def _len(self, b: int) -> int:
         return min(self.block, self.size - b * self.block)
@@ -80,24 +82,35 @@ class BlockHasher:
 
     def issue(self, offset: int, length: int) -> None:
         """An operation over [offset, offset+length) is queued (operations come in offset order)."""
-        for b, _start, n in self._blocks(offset, length):
-            self._pending[b] = self._pending.get(b, 0) + 1
-            self._covered[b] = self._covered.get(b, 0) + n
-        old, self._frontier = self._frontier, offset // self.block
-        for b in [b for b in self._pending if old <= b < self._frontier]:
-            self._maybe_finish(b)
+        with self._lock:
+            for b, _start, n in self._blocks(offset, length):
+                self._pending[b] = self._pending.get(b, 0) + 1
+                self._covered[b] = self._covered.get(b, 0) + n
+            old, self._frontier = self._frontier, offset // self.block
+            for b in [b for b in self._pending if old <= b < self._frontier]:
+                self._maybe_finish(b)
 
-    def data(self, offset: int, data: bytes) -> None:
+    def data(self, offset: int, data) -> None:
+        """The bytes of a queued operation (bytes, bytearray or memoryview)."""
+        view = memoryview(data)
         pos = 0
-        for b, start, n in self._blocks(offset, len(data)):
-            piece = data if n == len(data) else data[pos:pos + n]
-            self._pieces.setdefault(b, []).append((start, piece))
+        for b, start, n in self._blocks(offset, len(view)):
+            piece = view[pos:pos + n]
             pos += n
-            self._done(b)
+            if n == self._len(b):  # one operation is the whole block: nothing else touches it
+                digest = block_digest(piece)
+                with self._lock:
+                    self.sums[b * DIGEST:(b + 1) * DIGEST] = digest
+                    del self._pending[b], self._covered[b]
+                continue
+            with self._lock:
+                self._pieces.setdefault(b, []).append((start, bytes(piece)))
+                self._done(b)
 
     def zero(self, offset: int, length: int) -> None:
-        for b, _start, _n in self._blocks(offset, length):
-            self._done(b)
+        with self._lock:
+            for b, _start, _n in self._blocks(offset, length):
+                self._done(b)
 
     def _done(self, b: int) -> None:
         self._pending[b] -= 1
@@ -127,9 +140,10 @@ class BlockHasher:
 
     def finish(self) -> list[tuple[int, int]]:
         """Close every block; returns the (offset, length) ranges that must be re-read."""
-        self._frontier = block_count(self.size, self.block) + 1
-        for b in list(self._pending):
-            self._maybe_finish(b)
+        with self._lock:
+            self._frontier = block_count(self.size, self.block) + 1
+            for b in list(self._pending):
+                self._maybe_finish(b)
         return [(b * self.block, self._len(b)) for b in sorted(self.reread)]
 
     def set_block(self, offset: int, data: bytes) -> None:

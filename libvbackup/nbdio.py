@@ -16,7 +16,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
+import queue
 import select
+import threading
 from typing import Callable, Iterator
 
 import nbd
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 REQUEST_SIZE = 1 << 20
 MAX_INFLIGHT = 16
 STATUS_RANGE = 1 << 30  # block status is asked for at most this much at a time
+WRITERS = 2  # threads writing (and hashing) completed reads
+CONNECTIONS = 2  # to one export, when it offers multi-conn
 
 ProgressFn = Callable[[int], None]
 
@@ -62,6 +67,14 @@ def connect_export(socket: str, export: str, bitmap: str | None = None) -> "nbd.
     if bitmap and not h.can_meta_context(f"qemu:dirty-bitmap:{bitmap}"):
         raise CopyError(f"NBD export {export!r} does not offer dirty bitmap {bitmap!r}")
     return h
+
+
+def more_connections(h: "nbd.NBD", socket: str, export: str, bitmap: str | None, n: int) -> list:
+    """Up to ``n`` more connections to the export of ``h``, when the server offers multi-conn
+    (QEMU does for read-only exports: every connection sees the same data)."""
+    if n <= 0 or not h.can_multi_conn():
+        return []
+    return [connect_export(socket, export, bitmap) for _ in range(n)]
 
 
 def open_image(path: str, fmt: str = "qcow2", readonly: bool = False) -> "nbd.NBD":
@@ -140,12 +153,13 @@ def read_extents(
 
 
 class _Loop:
-    """Polls a set of handles once; raises CopyError when one has died."""
+    """Polls a set of handles (and a wake-up fd) once; raises CopyError when one has died."""
 
-    def __init__(self, *handles: "nbd.NBD"):
+    def __init__(self, handles, wake_fd: int | None = None):
         self.handles = handles
+        self.wake_fd = wake_fd
 
-    def step(self) -> None:
+    def step(self, timeout_ms: int = 1000) -> None:
         p = select.poll()
         by_fd = {}
         for h in self.handles:
@@ -161,7 +175,12 @@ class _Loop:
                 fd = h.aio_get_fd()
                 p.register(fd, ev)
                 by_fd[fd] = h
-        for fd, rev in p.poll(1000):
+        if self.wake_fd is not None:
+            p.register(self.wake_fd, select.POLLIN)
+        for fd, rev in p.poll(timeout_ms):
+            if fd == self.wake_fd:
+                os.eventfd_read(fd)
+                continue
             h = by_fd[fd]
             if rev & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 h.aio_notify_read()
@@ -170,56 +189,141 @@ class _Loop:
 
 
 def _ops(src: "nbd.NBD", size_: int, bitmap: str | None, target_is_zero: bool,
-         max_request: int) -> Iterator[extents.Op]:
+         max_request: int, granularity: int = 1) -> Iterator[extents.Op]:
     pos = 0
     while pos < size_:
         end = min(size_, pos + STATUS_RANGE)
         exts = read_extents(src, pos, end, bitmap)
-        yield from extents.plan(exts, target_is_zero=target_is_zero, max_request=max_request)
+        yield from extents.plan(exts, target_is_zero=target_is_zero, max_request=max_request,
+                                granularity=granularity)
         pos = exts[-1].end
 
 
-def planned_bytes(src: "nbd.NBD", bitmap: str | None, target_is_zero: bool) -> int:
+def planned_bytes(src: "nbd.NBD", bitmap: str | None, target_is_zero: bool, granularity: int = 1) -> int:
     """How many bytes a copy will read or zero: a pass of block status only, O(1) memory.
 
     Gives progress a true total (the disk size would count holes and clean ranges).
     """
-    return sum(op.length for op in _ops(src, src.get_size(), bitmap, target_is_zero, extents.MAX_ZERO))
+    return sum(op.length for op in _ops(src, src.get_size(), bitmap, target_is_zero, extents.MAX_ZERO,
+                                        granularity))
+
+
+class _Buffers:
+    """Read buffers of ``size`` bytes, reused; libnbd reads into them without a copy."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.free: list[tuple[bytearray, memoryview]] = []
+
+    def get(self, length: int):
+        if self.free:
+            ba, mv = self.free.pop()
+        else:
+            ba = bytearray(self.size)
+            mv = memoryview(ba)
+        return ba, mv, nbd.Buffer.from_buffer(mv[:length])
+
+    def put(self, ba: bytearray, mv: memoryview) -> None:
+        self.free.append((ba, mv))
+
+
+@dataclasses.dataclass
+class _Item:
+    kind: str  # "copy" (write then hash) or "hash" (hash only: a re-read block)
+    offset: int
+    length: int
+    host: int  # where the data goes in the target file
+    ba: bytearray
+    mv: memoryview
+    nbuf: object
+    error: BaseException | None = None
+
+
+def _writer(work: "queue.SimpleQueue", finished: collections.deque, wake: int, target, hasher) -> None:
+    while True:
+        item = work.get()
+        if item is None:
+            return
+        try:
+            data = item.mv[:item.length]
+            if item.kind == "copy":
+                target.pwrite(data, item.host)
+                if hasher is not None:
+                    hasher.data(item.offset, data)
+            elif hasher is not None:
+                hasher.set_block(item.offset, data)
+        except BaseException as e:  # noqa: BLE001 - reported by the loop
+            item.error = e
+        finished.append(item)
+        os.eventfd_write(wake, 1)
 
 
 def copy(
-    src: "nbd.NBD",
-    dst: "nbd.NBD",
+    src,
+    target,
     *,
     bitmap: str | None = None,
-    target_is_zero: bool = True,
     progress: ProgressFn | None = None,
     max_request: int = REQUEST_SIZE,
     max_inflight: int = MAX_INFLIGHT,
+    writers: int = WRITERS,
     should_stop: Callable[[], bool] = lambda: False,
     hasher=None,
 ) -> CopyStats:
-    """Make ``dst`` equal to ``src`` wherever ``src`` is dirty (everywhere when no bitmap).
+    """Make ``target`` (a ``target.Target``) equal to ``src`` wherever ``src`` is dirty
+    (everywhere when no bitmap).
 
-    ``target_is_zero``: ``dst`` reads as zeroes where it was not written (a new image with no
-    backing file); zero extents are then skipped, otherwise they are written as zeroes.
-    ``hasher`` (a ``checksum.BlockHasher``) is told of every operation, and afterwards re-reads
-    from ``dst`` the blocks it could not hash from what was copied.
+    ``src`` is a handle or a list of handles to one export (multi-conn): requests go round
+    robin; block status comes from the first. Reads complete out of order into reused buffers
+    and go to ``writers`` threads, which write them at the place the target chose and hash
+    them; zero ranges are the target's business (metadata only for qcow2, nothing for a new raw
+    file) and are never read. ``hasher`` (a ``checksum.BlockHasher``) is told of every
+    operation; the blocks it could not hash from what was copied (partly dirty ones) are read
+    from the export afterwards: the export is the point in time the image now holds.
+    The target is finished (metadata, fsync) before this returns.
     """
-    size_ = src.get_size()
-    if dst.get_size() < size_:
-        raise CopyError(f"target image is smaller ({dst.get_size()}) than the export ({size_})")
+    handles = list(src) if isinstance(src, (list, tuple)) else [src]
+    size_ = handles[0].get_size()
+    if target.size < size_:
+        raise CopyError(f"target image is smaller ({target.size}) than the export ({size_})")
     stats = CopyStats()
-    done: collections.deque = collections.deque()  # (kind, buf, offset, length, errno)
-    free: list = []  # buffers of REQUEST_SIZE for reuse
-    inflight = 0
-    ops = _ops(src, size_, bitmap, target_is_zero, max_request)
-    exhausted = False
-    loop = _Loop(src, dst)
+    ops = _ops(handles[0], size_, bitmap, target.reads_as_zero, max_request, target.granularity)
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    finished: collections.deque = collections.deque()
+    threads = [threading.Thread(target=_writer, args=(work, finished, wake, target, hasher),
+                                name="nbd-writer", daemon=True) for _ in range(max(1, writers))]
+    for t in threads:
+        t.start()
+    loop = _Loop(handles, wake)
+    try:
+        _run(handles, loop, ops, target, hasher, stats, progress, max_request,
+             max_inflight * len(handles), should_stop, work, finished)
+        if hasher is not None:
+            rereads = (extents.Op("hash", o, n) for o, n in hasher.finish())
+            _run(handles, loop, rereads, target, hasher, stats, None, max_request,
+                 max_inflight * len(handles), should_stop, work, finished)
+    finally:
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.join(10)
+        os.close(wake)
+    target.finish()
+    return stats
 
-    def on_done(kind: str, buf, offset: int, length: int):
+
+def _run(handles, loop, ops, target, hasher, stats, progress, max_request, max_inflight, should_stop,
+         work, finished) -> None:
+    buffers = _Buffers(max_request)
+    done: collections.deque = collections.deque()  # completed reads: (item, errno)
+    inflight = 0
+    exhausted = False
+    turn = 0
+
+    def on_read(item):
         def cb(err) -> int:
-            done.append((kind, buf, offset, length, err.value))
+            done.append((item, err.value))
             return 1
 
         return cb
@@ -230,60 +334,57 @@ def copy(
             if op is None:
                 exhausted = True
                 break
-            if hasher is not None:
-                hasher.issue(op.start, op.length)
+            if op.kind == "zero":
+                if hasher is not None:
+                    hasher.issue(op.start, op.length)
+                target.zero(op.start, op.length)
+                if hasher is not None:
+                    hasher.zero(op.start, op.length)
+                stats.bytes_zeroed += op.length
+                if progress:
+                    progress(op.length)
+                continue
+            if op.length > max_request:
+                raise CopyError(f"a request of {op.length} bytes exceeds the buffer size")
+            host = 0
+            if op.kind == "copy":
+                if hasher is not None:
+                    hasher.issue(op.start, op.length)
+                host = target.place(op.start, op.length)
+            ba, mv, nbuf = buffers.get(op.length)
+            item = _Item(op.kind, op.start, op.length, host, ba, mv, nbuf)
+            h = handles[turn % len(handles)]
+            turn += 1
             try:
-                if op.kind == "zero":
-                    dst.aio_zero(op.length, op.start, on_done("zero", None, op.start, op.length))
-                else:
-                    if op.length == max_request and free:
-                        buf = free.pop()
-                    else:
-                        buf = nbd.Buffer(op.length)
-                    src.aio_pread(buf, op.start, on_done("read", buf, op.start, op.length))
+                h.aio_pread(nbuf, op.start, on_read(item))
             except nbd.Error as e:
-                raise _err(f"queueing a request at offset {op.start} failed", e) from e
+                raise _err(f"queueing a read at offset {op.start} failed", e) from e
             inflight += 1
         if inflight == 0 and exhausted:
-            break
+            return
         if should_stop():
             raise CopyError("copy stopped")
         loop.step()
         while done:
-            kind, buf, offset, length, errno = done.popleft()
+            item, errno = done.popleft()
             if errno:
-                what = {"read": "reading the export", "write": "writing the backup image",
-                        "zero": "zeroing the backup image"}[kind]
-                raise CopyError(f"{what} at offset {offset} failed: {_strerror(errno)}")
-            if kind == "read":
-                if hasher is not None:
-                    hasher.data(offset, buf.to_bytearray())
-                try:
-                    dst.aio_pwrite(buf, offset, on_done("write", buf, offset, length))
-                except nbd.Error as e:
-                    raise _err(f"queueing a write at offset {offset} failed", e) from e
-                continue
+                raise CopyError(f"reading the export at offset {item.offset} failed: {_strerror(errno)}")
+            work.put(item)
+        while finished:
+            item = finished.popleft()
             inflight -= 1
-            if kind == "write":
-                stats.bytes_copied += length
-                if length == max_request and len(free) < max_inflight:
-                    free.append(buf)
-            else:
-                stats.bytes_zeroed += length
-                if hasher is not None:
-                    hasher.zero(offset, length)
-            if progress:
-                progress(length)
-    if hasher is not None:
-        # Blocks only partly dirty: their clean part is the parent's, read back through the chain.
-        for offset, length in hasher.finish():
-            hasher.set_block(offset, pread(dst, length, offset))
-    return stats
+            if item.error is not None:
+                if isinstance(item.error, CopyError):
+                    raise item.error
+                raise CopyError(f"writing the image at offset {item.offset} failed: {item.error}") from item.error
+            buffers.put(item.ba, item.mv)
+            if item.kind == "copy":
+                stats.bytes_copied += item.length
+                if progress:
+                    progress(item.length)
 
 
 def _strerror(errno: int) -> str:
-    import os
-
     return os.strerror(errno)
 
 
