@@ -9,14 +9,19 @@ works while the copy goes on instead of all at the final fsync.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import os
+import threading
 
 from . import qcow2
 from .errors import CopyError
 
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+WINDOWS = 8  # writes per writer thread that may still be in write-back
 
 
 def _libc_sync_file_range():
@@ -50,6 +55,7 @@ class Target:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise CopyError(f"cannot create image {path}: {_strerror(e)}") from e
+        self._windows = threading.local()
 
     def place(self, start: int, length: int) -> int:
         raise NotImplementedError
@@ -65,8 +71,21 @@ class Target:
                 n += os.pwrite(self.fd, data[n:], offset + n)
         except OSError as e:
             raise CopyError(f"writing image {self.path} at offset {offset} failed: {_strerror(e)}") from e
-        if _sync_file_range is not None:
-            _sync_file_range(self.fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
+        if _sync_file_range is None:
+            return
+        # Start write-back of this range now; wait for the one WINDOWS writes ago and drop it
+        # from the page cache (a backup's data is not read again, and dirty pages bounded here
+        # keep the final fsync short).
+        windows = getattr(self._windows, "w", None)
+        if windows is None:
+            windows = self._windows.w = collections.deque()
+        _sync_file_range(self.fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
+        windows.append((offset, len(data)))
+        if len(windows) > WINDOWS:
+            o, n = windows.popleft()
+            _sync_file_range(self.fd, o, n, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
+                             | _SYNC_FILE_RANGE_WAIT_AFTER)
+            os.posix_fadvise(self.fd, o, n, os.POSIX_FADV_DONTNEED)
 
     def _meta(self, writes: list[qcow2.Write]) -> None:
         for offset, data in writes:
