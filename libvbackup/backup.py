@@ -402,8 +402,7 @@ def _pull_phase(repository, dom, docs, manifest, partial, progress_mode, on_job_
         dst = tgt.Qcow2Target(str(image), size, backing=f"../{d.backing}" if d.backing else None)
         handles.append(dst)
         src = [src, *more]
-        parent_sums = _parent_sums(repository, vm, manifest, plan, d.name, size) if not d.full else None
-        jobs.append((d, src, dst, bitmap, size, checksum.BlockHasher(size, parent_sums=parent_sums)))
+        jobs.append((d, src, dst, bitmap, size, _hasher(repository, vm, manifest, plan, d, size)))
     watch = _scratch_watch(dom, docs.run_dir, scratch_limit)
     watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
     stats = _copy_all(jobs, progress_mode, watch, lambda doc: repository.write_progress(vm, doc))
@@ -457,8 +456,7 @@ def _push_phase(repository, dom, docs, manifest, partial, progress_mode, on_job_
         image = partial / f"{d.name}.qcow2"
         _move_private(docs.run_dir / f"{d.name}.qcow2", image)
         size = sizes[d.name]
-        parent_sums = _parent_sums(repository, vm, manifest, plan, d.name, size) if not d.full else None
-        hasher = checksum.BlockHasher(size, parent_sums=parent_sums)
+        hasher = _hasher(repository, vm, manifest, plan, d, size)
         stats = nbdio.CopyStats()
         touched = set()
         for start, length, zero in qemuimg.own_extents(str(image)):
@@ -577,9 +575,17 @@ def _write_private(path: pathlib.Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _hasher(repository, vm, manifest, plan, d, size) -> checksum.BlockHasher:
+    if d.full:
+        return checksum.BlockHasher(size)
+    sums, block = _parent_sums(repository, vm, manifest, plan, d.name, size)
+    return checksum.BlockHasher(size, parent_sums=sums, block=block)
+
+
 def _parent_sums(repository: Repository, vm: str, manifest: mf.Manifest, plan: BackupPlan,
-                 disk: str, size: int) -> bytes:
-    """The parent point's block digests of ``disk``, checked against the manifest."""
+                 disk: str, size: int) -> tuple[bytes, int]:
+    """The parent point's block digests of ``disk`` and their block size, checked against the
+    manifest (an incremental continues with its parent's block size)."""
     pd = manifest.get(plan.parent).disks[disk]
     path = repository.image(vm, pd.image).with_suffix(".sums")
     try:
@@ -587,10 +593,11 @@ def _parent_sums(repository: Repository, vm: str, manifest: mf.Manifest, plan: B
     except OSError as e:
         raise RepositoryError(f"cannot read checksums {path}: {e.strerror}",
                               "run a full backup (without --incremental) to start a new chain") from e
-    if pd.blkhash != checksum.digest_of(sums) or len(sums) != checksum.block_count(size) * checksum.DIGEST:
+    if (pd.blkhash != checksum.digest_of(sums)
+            or len(sums) != checksum.block_count(size, pd.block_size) * checksum.DIGEST):
         raise RepositoryError(f"checksums {path} do not match the manifest (corrupted?)",
                               "run 'libvbackup verify', then a full backup")
-    return sums
+    return sums, pd.block_size
 
 
 def _remove_tree(path: pathlib.Path) -> None:

@@ -27,7 +27,7 @@ class PointDisk:
     bitmap: bool = True  # the point's checkpoint holds a bitmap for this disk
     source_format: str | None = None
     blkhash: str | None = None  # SHA-256 of the block digests in "<point>/<disk>.sums"
-    block_size: int = 1 << 20  # the block size of those digests
+    block_size: int = 1 << 20  # the block size of those digests (older repositories: 1 MiB)
 
 
 @dataclasses.dataclass

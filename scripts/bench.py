@@ -38,7 +38,12 @@ LAUNCHER = (
 
 
 def timed(argv: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of the largest process the command waited for."""
+    """Wall seconds and peak RSS (KiB) of the largest process the command waited for.
+
+    Dirty pages left by the previous command are written first, so that no command pays for
+    another's write-back.
+    """
+    os.sync()
     p = subprocess.run(["/usr/bin/python3", "-c", LAUNCHER, *argv], capture_output=True, text=True)
     elapsed, rss, code = p.stderr.strip().splitlines()[-1].split()
     if int(code) != 0:
