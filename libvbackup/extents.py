@@ -144,7 +144,7 @@ def _resolve(kinds: set) -> str | None:
 def _quantize(runs: Iterable[tuple[int, int, str | None]], granularity: int
               ) -> Iterator[tuple[int, int, str | None]]:
     """Runs widened to whole clusters of ``granularity`` bytes (the disk's last one may be short)."""
-    acc_start, acc = -1, set()
+    acc_start, acc_end, acc = -1, 0, set()
     for s, e, kind in runs:
         pos = s
         while pos < e:

@@ -42,18 +42,6 @@ def info(path: str, chain: bool = False) -> dict | list:
     return json.loads(_run(argv + [path]))
 
 
-def convert(src: str, dst: str, out_format: str) -> None:
-    """Flatten ``src`` (with its whole backing chain) into a standalone image ``dst``.
-
-    ``-t writeback``: qemu-img convert writes with cache=unsafe by default and would return
-    before the data is on disk; writeback flushes when the image is closed.
-    """
-    argv = ["qemu-img", "convert", "-q", "-t", "writeback", "-f", "qcow2", "-O", out_format]
-    if out_format == "qcow2":
-        argv += ["-o", "compat=1.1"]
-    _run(argv + [src, dst])
-
-
 def own_extents(path: str) -> list[tuple[int, int, bool]]:
     """(start, length, zero) of the ranges the image's own layer holds (not its backing chain)."""
     out = []

@@ -1,4 +1,9 @@
-"""Restore and listing: a backup point becomes one standalone image per disk."""
+"""Restore and listing: a backup point becomes one standalone image per disk.
+
+A restore is a copy by the same engine as a backup: qemu-nbd serves the point's chain
+(read-only), block status says which ranges hold data, and the engine writes them into a new
+qcow2 image (our writer) or a sparse raw file; ranges that read as zeroes are never read.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import os
 import pathlib
 from typing import Sequence
 
-from . import qemuimg
+from . import nbdio, target
 from .errors import NotFound, RepositoryError, UsageError
-from .repo import Repository
+from .progress import Progress
+from .repo import Repository, fsync_dir as repo_fsync_dir
 
 FORMATS = ("qcow2", "raw")
 
@@ -50,6 +56,7 @@ def restore(
     checkpoint: str | None = None,
     fmt: str = "qcow2",
     disks: Sequence[str] = (),
+    progress: str = "none",
 ) -> dict:
     """Write ``output/<disk>.<fmt>`` for each disk, as it was when ``checkpoint`` was created."""
     if fmt not in FORMATS:
@@ -99,8 +106,9 @@ def restore(
             dst = out / f"{n}.{fmt}"
             tmp = out / f".{n}.{fmt}.partial"
             written.append(tmp)
-            qemuimg.convert(str(src), str(tmp), fmt)
+            _copy_chain(str(src), str(tmp), fmt, n, progress)
             os.replace(tmp, dst)
+            repo_fsync_dir(out)
             written[-1] = dst
             result[n] = {"path": str(dst), "size": point.disks[n].size, "format": fmt}
         return {"vm": vm, "checkpoint": checkpoint, "disks": result}
@@ -114,3 +122,19 @@ def restore(
         raise
     finally:
         os.umask(old_umask)
+
+
+def _copy_chain(image: str, output: str, fmt: str, name: str, progress: str) -> None:
+    src = nbdio.open_image(image, readonly=True)
+    dst = None
+    try:
+        size = nbdio.size(src)
+        dst = target.open_target(output, size, fmt)
+        prog = Progress(progress)
+        prog.add(name, nbdio.planned_bytes(src, None, dst.reads_as_zero, dst.granularity))
+        with prog:
+            nbdio.copy(src, dst, progress=prog.callback(name))
+    finally:
+        if dst is not None:
+            dst.close()
+        nbdio.close(src)

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from ..errors import UsageError
 from ..repo import default_repo
 
 RepoOpt = typer.Option(
@@ -19,6 +20,19 @@ UriOpt = typer.Option(
     help="libvirt connection URI [default: $LIBVIRT_DEFAULT_URI, else qemu:///system].",
 )
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
+ProgressOpt = typer.Option(
+    "auto", "--progress", metavar="auto|bar|plain|none",
+    help="Progress on stderr: a bar on a terminal (auto), periodic lines (plain), or none.",
+)
+
+
+def progress_mode(progress: str, json_out: bool) -> str:
+    """--progress auto: a bar when stderr is a terminal and the output is not JSON."""
+    if progress not in ("auto", "bar", "plain", "none"):
+        raise UsageError(f"--progress {progress!r}: use auto, bar, plain or none")
+    if progress == "auto":
+        return "bar" if sys.stderr.isatty() and not json_out else "none"
+    return progress
 
 
 def repo_path(repo: Optional[str]) -> str:

@@ -10,15 +10,13 @@ Raw-format disks cannot hold dirty bitmaps: they are copied in full every time.
 
 from __future__ import annotations
 
-import sys
 from typing import List, Optional
 
 import typer
 
 from ..backup import backup as backup_op
-from ..errors import UsageError
 from ..plan import parse_size
-from .common import JsonOpt, RepoOpt, UriOpt, as_list, emit_json, human, repo_path
+from .common import JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, emit_json, human, progress_mode, repo_path
 
 
 SCRATCH_HELP = {
@@ -66,10 +64,7 @@ def backup_command(mode: str, doc: str):
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
         ),
-        progress: str = typer.Option(
-            "auto", "--progress", metavar="auto|bar|plain|none",
-            help="Progress on stderr: a bar on a terminal (auto), periodic lines (plain), or none.",
-        ),
+        progress: str = ProgressOpt,
         json_out: bool = JsonOpt,
     ) -> None:        run(mode=mode, vm=vm, repo=repo, incremental=incremental, level=level, checkpoint=checkpoint,
             disk=disk, exclude=exclude, scratch_dir=scratch_dir, scratch_limit=scratch_limit, uri=uri,
@@ -86,10 +81,7 @@ pull = backup_command("pull", __doc__)
 def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclude, scratch_dir,
         scratch_limit, uri, dry_run, progress, json_out) -> None:
     """Shared by pull and push: options to keyword arguments, the result to text or JSON."""
-    if progress not in ("auto", "bar", "plain", "none"):
-        raise UsageError(f"--progress {progress!r}: use auto, bar, plain or none")
-    if progress == "auto":
-        progress = "bar" if sys.stderr.isatty() and not json_out else "none"
+    progress = progress_mode(progress, json_out)
     result = backup_op(
         vm, mode=mode, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
         disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,

@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from ..restore import restore as restore_op
-from .common import JsonOpt, RepoOpt, as_list, emit_json, repo_path
+from .common import JsonOpt, ProgressOpt, RepoOpt, as_list, emit_json, progress_mode, repo_path
 
 
 def restore(
@@ -24,9 +24,11 @@ def restore(
     ),
     fmt: str = typer.Option("qcow2", "--format", "-f", metavar="qcow2|raw", help="Image format of the output."),
     disk: Optional[List[str]] = typer.Option(None, "--disk", "-d", metavar="TARGET", help="Restore only this disk; repeatable."),
+    progress: str = ProgressOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    result = restore_op(vm, repo=repo_path(repo), output=output, checkpoint=checkpoint, fmt=fmt, disks=as_list(disk))
+    result = restore_op(vm, repo=repo_path(repo), output=output, checkpoint=checkpoint, fmt=fmt, disks=as_list(disk),
+                        progress=progress_mode(progress, json_out))
     if json_out:
         emit_json(result)
         return

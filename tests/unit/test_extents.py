@@ -495,7 +495,6 @@ def test_property_cluster_plans_cover_whole_clusters_and_reproduce_the_source(ca
     for op in ops:
         assert op.start % g == 0 and (op.end % g == 0 or op.end == end)
         assert start <= op.start < op.end <= end
-        blocks = range((op.start - start) // B, (op.end - start) // B)
         for c in range(op.start, op.end, g):  # every touched cluster has something dirty
             cb = range((c - start) // B, (min(c + g, end) - start) // B)
             assert any(dirty_b[i] for i in cb)
