@@ -68,6 +68,8 @@ def ensure_libvirtd(uri: str = URI, timeout: float = 30.0) -> libvirt.virConnect
 
 class LabDisk:
     def __init__(self, vm: "LabVM", index: int, target: str, size: int, fmt: str):
+        # fmt may carry qemu-img create options: "qcow2:cluster_size=4096"
+        fmt, _, self.create_options = fmt.partition(":")
         self.vm, self.index, self.target, self.size, self.fmt = vm, index, target, size, fmt
         self.path = vm.workdir / f"{target}.{fmt}"
         # The model costs the disk's size in memory; the benchmark turns it off.
@@ -131,7 +133,8 @@ class LabVM:
 
     def create_images(self) -> None:
         for d in self.disks:
-            subprocess.run(["qemu-img", "create", "-q", "-f", d.fmt, str(d.path), str(d.size)], check=True)
+            opts = ["-o", d.create_options] if d.create_options else []
+            subprocess.run(["qemu-img", "create", "-q", "-f", d.fmt, *opts, str(d.path), str(d.size)], check=True)
 
     def start(self, extra_devices: str = "", images_ready: bool = False) -> "LabVM":
         if not images_ready:

@@ -73,6 +73,8 @@ def assert_restores(repo, vm_name: str, checkpoint: str, expected: dict[str, byt
             info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)],
                                              capture_output=True, text=True, check=True).stdout)
             assert info["format"] == fmt and "backing-filename" not in info
+            if fmt == "qcow2":  # written by libvbackup's own qcow2 writer
+                subprocess.run(["qemu-img", "check", "-q", str(path)], check=True)
             got = read_image(path, fmt)
             assert got == data, f"{checkpoint}/{target}: {first_difference(got, data)}"
     finally:

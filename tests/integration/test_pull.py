@@ -164,3 +164,29 @@ def test_dry_run_prints_schema_valid_xml_and_starts_nothing(vm, repo):
     assert "vdc: full (raw-format disk holds no dirty bitmap)" in res.stdout
     assert (tree(repo), vm.checkpoints()) == before
     assert not vm.has_job() and leftovers() == []
+
+
+def test_disks_with_other_cluster_sizes_and_odd_sizes(make_vm, repo, workdir):
+    """Source clusters of 4 KiB (dirty bitmap finer than the backup's 64 KiB clusters: partly
+    dirty clusters are copied whole, their clean part from the export) and 2 MiB, disk sizes
+    that end inside a cluster; a chain of full, incremental and differential points."""
+    vm = make_vm((5 * MiB + 512, "qcow2:cluster_size=4096"), (3 * MiB + 3584, "qcow2:cluster_size=2097152"),
+                 (2 * MiB + 1536, "raw"))
+    rng = random.Random(7)
+    for d in vm.disks:
+        random_writes(d, rng)
+    pull(vm.name, repo=str(repo), checkpoint="f")
+    models = {"f": snap(vm)}
+    for name, parent in (("i1", "f"), ("i2", "i1"), ("d1", "f")):
+        for d in vm.disks:
+            random_writes(d, rng, n=6)
+            for _ in range(4):  # small scattered writes: many 64 KiB clusters dirty only in part
+                off = rng.randrange(0, d.size - 4096) // 4096 * 4096
+                d.write(off, rng.randbytes(rng.choice([512, 4096])))
+        pull(vm.name, repo=str(repo), checkpoint=name, incremental=parent)
+        models[name] = snap(vm)
+    for chk, expected in models.items():
+        assert_restores(repo, vm.name, chk, expected, workdir, fmt="raw")
+    assert_restores(repo, vm.name, "i2", models["i2"], workdir, fmt="qcow2")
+    from libvbackup.verify import verify
+    assert verify(vm.name, repo=str(repo))["ok"]
