@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import ctypes.util
 import os
 import threading
 
@@ -26,7 +25,7 @@ WINDOWS = 8  # writes per writer thread that may still be in write-back
 
 def _libc_sync_file_range():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
         f = libc.sync_file_range
     except (OSError, AttributeError):
         return None
@@ -139,14 +138,9 @@ class Qcow2Target(Target):
         self._meta(self.layout.zero(start, length))
 
     def finish(self) -> None:
-        writes = self.layout.finish()
-        self._meta(writes[:-1])
-        super().finish()  # everything the header points to is on disk before the header
-        self._meta(writes[-1:])
-        try:
-            os.ftruncate(self.fd, self.layout.file_size)
-        except OSError as e:
-            raise CopyError(f"cannot size image {self.path}: {_strerror(e)}") from e
+        """Metadata, header last, then one fsync: the image is never used before this returns
+        (it lives in a ``.partial`` directory until then), so no ordering fsync is needed."""
+        self._meta(self.layout.finish())
         super().finish()
 
 
