@@ -138,19 +138,29 @@ def main() -> int:
             repo = work / f"repo{r}"
             repo.mkdir(mode=0o700)
             pull = [CLI, "pull", vm.name, "--repo", str(repo), "--progress", "none"]
-            add("full_libvbackup", timed(pull + ["--checkpoint", f"b{r}-full"]))
-            add("full_nbdcopy", hand_pipeline(vm, work, "nbdcopy"))
-            add("full_qemu_img", hand_pipeline(vm, work, "qemu-img"))
+            # A B C in even rounds, C B A in odd ones: whatever the previous command leaves
+            # behind (write-back, discards of deleted files) is not charged to one side.
+            fulls = [
+                ("full_libvbackup", lambda: timed(pull + ["--checkpoint", f"b{r}-full"])),
+                ("full_nbdcopy", lambda: hand_pipeline(vm, work, "nbdcopy")),
+                ("full_qemu_img", lambda: hand_pipeline(vm, work, "qemu-img")),
+            ]
+            for key, run in fulls if r % 2 == 0 else fulls[::-1]:
+                add(key, run())
             add("inc_empty", timed(pull + ["--checkpoint", f"b{r}-i0", "--incremental", f"b{r}-full"]))
             dirty_bytes = dirty(vm, args.disk_mib, rng)
             add("inc_1pct", timed(pull + ["--checkpoint", f"b{r}-i1", "--incremental", f"b{r}-i0"]))
             top = repo / vm.name / f"b{r}-i1" / "vda.qcow2"
             out = work / "restore"
-            add("restore_libvbackup", timed([CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint",
-                                             f"b{r}-i1", "--output", str(out)]))
+            restores = [
+                ("restore_libvbackup", lambda: timed([CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint",
+                                                      f"b{r}-i1", "--output", str(out), "--progress", "none"])),
+                ("restore_qemu_img", lambda: timed(["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O",
+                                                    "qcow2", str(top), str(work / "ref.qcow2")])),
+            ]
+            for key, run in restores if r % 2 == 0 else restores[::-1]:
+                add(key, run())
             shutil.rmtree(out)
-            add("restore_qemu_img", timed(["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qcow2", str(top),
-                                           str(work / "ref.qcow2")]))
             (work / "ref.qcow2").unlink()
             shutil.rmtree(repo)
             for c in vm.checkpoints():
