@@ -301,14 +301,15 @@ def copy(
              max_inflight * len(handles), should_stop, work, finished)
         if hasher is not None:
             rereads = (extents.Op("hash", o, n) for o, n in hasher.finish())
-            _run(handles, loop, rereads, target, hasher, stats, None, max_request,
+            _run(handles, loop, rereads, target, hasher, stats, None, max(max_request, hasher.block),
                  max_inflight * len(handles), should_stop, work, finished)
     finally:
         for _ in threads:
             work.put(None)
         for t in threads:
             t.join(10)
-        os.close(wake)
+        if not any(t.is_alive() for t in threads):
+            os.close(wake)  # else a writer stuck in I/O may still signal it: leave it open
     target.finish()
     return stats
 

@@ -86,7 +86,8 @@ def test_full_copy_equals_the_source_with_true_digests(tmp_path, fmt):
     assert stats.bytes_copied > 0 and stats.bytes_zeroed == 0  # a new image: zeroes are skipped
 
 
-def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch):
+@pytest.mark.parametrize("max_request", [64 * KiB, MiB])
+def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch, max_request):
     """Only 'dirty' ranges are written (some now zero, some partly covering a 64 KiB cluster);
     the result read through its backing file equals the source everywhere."""
     size = 4 * MiB + 512
@@ -125,7 +126,7 @@ def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch):
         parent.set_block(off, old_bytes[off:off + 256 * KiB])
     hasher = checksum.BlockHasher(size, parent_sums=bytes(parent.sums), block=256 * KiB)
     try:
-        nbdio.copy(src, dst, bitmap="fake", hasher=hasher)
+        nbdio.copy(src, dst, bitmap="fake", hasher=hasher, max_request=max_request)
     finally:
         dst.close()
         nbdio.close(src)
