@@ -124,9 +124,9 @@ class Qcow2Target(Target):
 
     granularity = qcow2.CLUSTER
 
-    def __init__(self, path: str, size: int, backing: str | None = None):
+    def __init__(self, path: str, size: int, backing: str | None = None, backing_format: str = "qcow2"):
         super().__init__(path, size)
-        self.layout = qcow2.Layout(size, backing)
+        self.layout = qcow2.Layout(size, backing, backing_format)
         self.reads_as_zero = backing is None
 
     def place(self, start: int, length: int) -> int:

@@ -28,10 +28,10 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
 
 
-def write_image(path, size, ops, backing=None, seed=0):
+def write_image(path, size, ops, backing=None, seed=0, backing_format="qcow2"):
     """ops: sorted (kind, start, length); returns what each placed range holds."""
     rng = random.Random(seed)
-    t = target.open_target(str(path), size, "qcow2", backing)
+    t = target.Qcow2Target(str(path), size, backing, backing_format)
     placed = []
     try:
         for kind, start, length in ops:
@@ -123,19 +123,7 @@ def test_l2_tables_across_regions_and_a_large_sparse_disk(tmp_path):
         f.truncate(size)
     subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 7 0 {size}", str(basef)], check=True,
                    capture_output=True)
-    t = target.Qcow2Target(str(tmp_path / "img.qcow2"), size, "base.raw")
-    t.layout.backing_format = "raw"
-    rng = random.Random(1)
-    placed = []
-    for kind, start, length in ops:
-        if kind == "data":
-            data = rng.randbytes(length)
-            t.pwrite(data, t.place(start, length))
-            placed.append((start, data))
-        else:
-            t.zero(start, length)
-    t.finish()
-    t.close()
+    placed = write_image(tmp_path / "img.qcow2", size, ops, "base.raw", seed=1, backing_format="raw")
     expected = model(size, ops, placed, base)
     assert_image(tmp_path / "img.qcow2", expected, tmp_path)
     assert os.path.getsize(tmp_path / "img.qcow2") < 2 * MiB
