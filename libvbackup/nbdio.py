@@ -396,19 +396,29 @@ def pread(h: "nbd.NBD", length: int, offset: int) -> bytes:
         raise _err(f"reading offset {offset} failed", e) from e
 
 
-def read_blocks(h: "nbd.NBD", block: int) -> Iterator[tuple[int, int, bytes | None]]:
+def read_blocks(h: "nbd.NBD", block: int, chunk: int = 4 << 20) -> Iterator[tuple[int, int, bytes | None]]:
     """Every block of the export in order: ``(offset, length, data)``, data None for zeroes.
 
-    Blocks that block status reports entirely as zero are not read. Status is asked for whole
-    multiples of ``block`` (``read_extents`` covers its range exactly), so no block straddles
-    two replies.
+    Blocks that block status reports entirely as zero are not read; runs of other blocks are
+    read ``chunk`` bytes at a time. Status is asked for whole multiples of ``block``
+    (``read_extents`` covers its range exactly), so no block straddles two replies.
     """
     size_ = h.get_size()
     step = max(block, STATUS_RANGE // block * block)
+    per_read = max(1, chunk // block)
     for pos in range(0, size_, step):
         end = min(size_, pos + step)
         exts = read_extents(h, pos, end, None)
         i = 0
+        run: list[tuple[int, int]] = []  # blocks to read, consecutive
+
+        def flush():
+            first, last = run[0][0], run[-1][0] + run[-1][1]
+            data = pread(h, last - first, first)
+            for off, length in run:
+                yield off, length, data[off - first:off - first + length]
+            run.clear()
+
         for off in range(pos, end, block):
             length = min(block, end - off)
             while exts[i].end <= off:
@@ -419,9 +429,12 @@ def read_blocks(h: "nbd.NBD", block: int) -> Iterator[tuple[int, int, bytes | No
                 zero = zero and exts[j].zero
                 j += 1
             if zero:
+                if run:
+                    yield from flush()
                 yield off, length, None
                 continue
-            try:
-                yield off, length, h.pread(length, off)
-            except nbd.Error as e:
-                raise _err(f"reading offset {off} failed", e) from e
+            run.append((off, length))
+            if len(run) == per_read:
+                yield from flush()
+        if run:
+            yield from flush()
