@@ -8,11 +8,14 @@ Layers, from the bottom up (each module imports only from the ones above it in t
 - ``extents``     NBD extent merging and copy planning (pure)
 - ``plan``        which checkpoint a backup extends, its level, names (pure)
 - ``manifest``    the repository's on-disk format (pure parse/serialise)
+- ``checksum``    block digests of guest data (pure)
+- ``qcow2``       where each cluster of a new qcow2 image goes, and its metadata (pure)
 - ``nbdio``       the only module that imports ``nbd``: the copy engine
 - ``virt``        the only module that imports ``libvirt``
-- ``qemuimg``     qemu-img / qemu-nbd wrappers
+- ``target``      the image files the engine writes (raw, and qcow2 through ``qcow2``)
+- ``qemuimg``     qemu-img wrappers
 - ``repo``        the repository: paths, lock, atomic manifest writes
-- ``backup``, ``restore``   operations
+- ``backup``, ``restore``, ``verify``, ``prune``, ``lifecycle``   operations
 - ``cli``         typer commands, thin
 """
 
