@@ -299,13 +299,15 @@ def copy(
     for t in threads:
         t.start()
     loop = _Loop(handles, wake)
+    # One set of buffers for both passes; re-reads need a whole checksum block.
+    buffers = _Buffers(max(max_request, hasher.block if hasher is not None else 0))
     try:
         _run(handles, loop, ops, target, hasher, stats, progress, max_request,
-             max_inflight * len(handles), should_stop, work, finished)
+             max_inflight * len(handles), should_stop, work, finished, buffers)
         if hasher is not None:
             rereads = (extents.Op("hash", o, n) for o, n in hasher.finish())
-            _run(handles, loop, rereads, target, hasher, stats, None, max(max_request, hasher.block),
-                 max_inflight * len(handles), should_stop, work, finished)
+            _run(handles, loop, rereads, target, hasher, stats, None, buffers.size,
+                 max_inflight * len(handles), should_stop, work, finished, buffers)
     finally:
         for _ in threads:
             work.put(None)
@@ -318,8 +320,7 @@ def copy(
 
 
 def _run(handles, loop, ops, target, hasher, stats, progress, max_request, max_inflight, should_stop,
-         work, finished) -> None:
-    buffers = _Buffers(max_request)
+         work, finished, buffers: _Buffers) -> None:
     done: collections.deque = collections.deque()  # completed reads: (item, errno)
     inflight = 0
     exhausted = False
