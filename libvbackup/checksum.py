@@ -66,6 +66,7 @@ class BlockHasher:
         self._pieces: dict[int, list[tuple[int, bytes]]] = {}
         self._frontier = 0  # no operation will be queued below this block any more
         self.reread: list[int] = []
+        self._handed = 0  # rereads already handed out by take_rereads
         self._lock = threading.Lock()
 
     def _len(self, b: int) -> int:
@@ -138,13 +139,21 @@ class BlockHasher:
             buf[start - base:start - base + len(chunk)] = chunk
         self.sums[b * DIGEST:(b + 1) * DIGEST] = block_digest(buf)
 
+    def take_rereads(self) -> list[tuple[int, int]]:
+        """The (offset, length) ranges known so far to need a re-read, each handed out once:
+        the engine reads them during the copy instead of after it."""
+        with self._lock:
+            new = self.reread[self._handed:]
+            self._handed = len(self.reread)
+        return [(b * self.block, self._len(b)) for b in new]
+
     def finish(self) -> list[tuple[int, int]]:
-        """Close every block; returns the (offset, length) ranges that must be re-read."""
+        """Close every block; returns the remaining (offset, length) ranges to re-read."""
         with self._lock:
             self._frontier = block_count(self.size, self.block) + 1
             for b in list(self._pending):
                 self._maybe_finish(b)
-        return [(b * self.block, self._len(b)) for b in sorted(self.reread)]
+        return sorted(self.take_rereads())
 
     def set_block(self, offset: int, data: bytes) -> None:
         b = offset // self.block

@@ -291,6 +291,8 @@ def copy(
         raise CopyError(f"target image is smaller ({target.size}) than the export ({size_})")
     stats = CopyStats()
     ops = _ops(handles[0], size_, bitmap, target.reads_as_zero, max_request, target.granularity)
+    if hasher is not None:
+        ops = _with_rereads(ops, hasher)
     wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     work: queue.SimpleQueue = queue.SimpleQueue()
     finished: collections.deque = collections.deque()
@@ -317,6 +319,15 @@ def copy(
             os.close(wake)  # else a writer stuck in I/O may still signal it: leave it open
     target.finish()
     return stats
+
+
+def _with_rereads(ops: Iterator[extents.Op], hasher) -> Iterator[extents.Op]:
+    """The plan's operations, with the re-reads of partly dirty checksum blocks queued as soon
+    as the hasher knows of them (they overlap the copy; the export does not change)."""
+    for op in ops:
+        yield op
+        for offset, length in hasher.take_rereads():
+            yield extents.Op("hash", offset, length)
 
 
 def _run(handles, loop, ops, target, hasher, stats, progress, max_request, max_inflight, should_stop,
@@ -349,7 +360,7 @@ def _run(handles, loop, ops, target, hasher, stats, progress, max_request, max_i
                 if progress:
                     progress(op.length)
                 continue
-            if op.length > max_request:
+            if op.length > buffers.size:
                 raise CopyError(f"a request of {op.length} bytes exceeds the buffer size")
             host = 0
             if op.kind == "copy":
