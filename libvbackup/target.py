@@ -4,7 +4,10 @@ A target tells the engine where the data of a guest range goes in the file (``pl
 zero ranges (``zero``), and makes the file complete and durable (``finish``: metadata, then
 fsync). Data is written with ``pwrite`` by the engine's writer threads; ``written`` starts the
 kernel's write-back of those pages at once (``sync_file_range``), as nbdcopy does, so the disk
-works while the copy goes on instead of all at the final fsync.
+works while the copy goes on instead of all at the final fsync. A flusher thread also calls
+``fdatasync`` every ``FLUSH_INTERVAL`` while data is being written: on a virtual disk, a
+write-back completes into the host's cache, and a single flush at the end then waits for all
+of it (measured on the same export: 1.24x nbdcopy's time without the flusher, 1.06x with it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
 WINDOWS = 8  # writes per writer thread that may still be in write-back
+FLUSH_INTERVAL = 0.05  # seconds
 
 
 def _libc_sync_file_range():
@@ -55,6 +59,30 @@ class Target:
         except OSError as e:
             raise CopyError(f"cannot create image {path}: {_strerror(e)}") from e
         self._windows = threading.local()
+        self._written = 0  # bytes written since the flusher last ran
+        self._fd_lock = threading.Lock()  # close() waits for a running fdatasync
+        self._stop = threading.Event()
+        self._flush_error: OSError | None = None
+        self._flusher = threading.Thread(target=self._flush_loop, name="image-flusher", daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            if not self._written:
+                continue
+            self._written = 0
+            with self._fd_lock:
+                if self._stop.is_set() or self.fd < 0:
+                    return
+                try:
+                    os.fdatasync(self.fd)
+                except OSError as e:
+                    self._flush_error = e
+                    return
+
+    def _stop_flusher(self) -> None:
+        self._stop.set()
+        self._flusher.join(30)
 
     def place(self, start: int, length: int) -> int:
         raise NotImplementedError
@@ -70,6 +98,7 @@ class Target:
                 n += os.pwrite(self.fd, data[n:], offset + n)
         except OSError as e:
             raise CopyError(f"writing image {self.path} at offset {offset} failed: {_strerror(e)}") from e
+        self._written += len(data)
         if _sync_file_range is None:
             return
         # Start write-back of this range now; wait for the one WINDOWS writes ago and drop it
@@ -91,15 +120,20 @@ class Target:
             self.pwrite(data, offset)
 
     def finish(self) -> None:
+        self._stop_flusher()
         try:
+            if self._flush_error is not None:
+                raise self._flush_error
             os.fsync(self.fd)
         except OSError as e:
             raise CopyError(f"flushing image {self.path} failed: {_strerror(e)}") from e
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._stop.set()
+        with self._fd_lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 class RawTarget(Target):
