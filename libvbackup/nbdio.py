@@ -304,11 +304,11 @@ def copy(
     # One set of buffers for both passes; re-reads need a whole checksum block.
     buffers = _Buffers(max(max_request, hasher.block if hasher is not None else 0))
     try:
-        _run(handles, loop, ops, target, hasher, stats, progress, max_request,
+        _run(handles, loop, ops, target, hasher, stats, progress,
              max_inflight * len(handles), should_stop, work, finished, buffers)
         if hasher is not None:
             rereads = (extents.Op("hash", o, n) for o, n in hasher.finish())
-            _run(handles, loop, rereads, target, hasher, stats, None, buffers.size,
+            _run(handles, loop, rereads, target, hasher, stats, None,
                  max_inflight * len(handles), should_stop, work, finished, buffers)
     finally:
         for _ in threads:
@@ -330,7 +330,7 @@ def _with_rereads(ops: Iterator[extents.Op], hasher) -> Iterator[extents.Op]:
             yield extents.Op("hash", offset, length)
 
 
-def _run(handles, loop, ops, target, hasher, stats, progress, max_request, max_inflight, should_stop,
+def _run(handles, loop, ops, target, hasher, stats, progress, max_inflight, should_stop,
          work, finished, buffers: _Buffers) -> None:
     done: collections.deque = collections.deque()  # completed reads: (item, errno)
     inflight = 0
