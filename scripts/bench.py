@@ -121,7 +121,7 @@ def main() -> int:
 
     vm = lab.LabVM([(args.disk_mib * MiB, "qcow2")], name="libvbackup-bench", track=False)
     lab.remove_domain(vm.conn, vm.name)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="libvbackup-bench-", dir="/var/tmp"))
+    work = pathlib.Path(tempfile.mkdtemp(prefix="lvb-bench-", dir="/var/tmp"))
     os.chmod(work, 0o711)  # QEMU must reach the hand-made pipeline's socket directory
     res: dict[str, list] = {}
 

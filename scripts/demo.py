@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64, help="size of the first disk in MiB (default 64)")
     args = ap.parse_args()
     rng = random.Random(1)
-    base = pathlib.Path(tempfile.mkdtemp(prefix="libvbackup-demo-", dir="/var/tmp"))
+    base = pathlib.Path(tempfile.mkdtemp(prefix="lvb-demo-", dir="/var/tmp"))
     repo, out = base / "repo", base / "restore"
     repo.mkdir(mode=0o700)
     vm = lab.LabVM([(args.size * MiB, "qcow2"), (16 * MiB, "qcow2")], name="libvbackup-demo")

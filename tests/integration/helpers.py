@@ -97,8 +97,17 @@ def tree(path: pathlib.Path) -> dict:
     return out
 
 
+def _scratch_dirs(scratch_base: str) -> set[str]:
+    return {str(p) for p in pathlib.Path(scratch_base).glob("libvbackup-*")}
+
+
+# Scratch directories that were there before this test run (another run's crash) are not ours to judge.
+_BEFORE = _scratch_dirs("/var/tmp")
+
+
 def leftovers(scratch_base: str = "/var/tmp") -> list[str]:
-    return sorted(str(p) for p in pathlib.Path(scratch_base).glob("libvbackup-*"))
+    """Scratch directories of libvbackup runs left behind since the test run started."""
+    return sorted(_scratch_dirs(scratch_base) - _BEFORE)
 
 
 @contextlib.contextmanager
