@@ -2,44 +2,25 @@
 
 A target tells the engine where the data of a guest range goes in the file (``place``), takes
 zero ranges (``zero``), and makes the file complete and durable (``finish``: metadata, then
-fsync). Data is written with ``pwrite`` by the engine's writer threads; ``pwrite`` starts the
-kernel's write-back of those pages at once (``sync_file_range``), as nbdcopy does, so the disk
-works while the copy goes on instead of all at the final fsync. A flusher thread also calls
-``fdatasync`` every ``FLUSH_INTERVAL`` once ``FLUSH_MIN`` new bytes were written: on a virtual
-disk a write-back completes into the host's cache, and a single flush at the end then waits
-for all of it (measured on one export: 1.24x nbdcopy's time without the flusher, 1.06x with).
+fsync). Data is written with ``pwrite`` by the engine's writer threads. A flusher thread calls
+``fdatasync`` every ``FLUSH_INTERVAL`` once ``FLUSH_MIN`` new bytes were written, then drops
+the file's clean pages from the page cache (a backup's data is not read again): on a virtual
+disk a write-back completes into the host's cache, and a single flush at the end would wait
+for all of it. Measured on one export, alternating runs, medians of 6: nbdcopy 2.75 s; flusher
+alone 2.78 s; flusher and a sync_file_range per write 3.25 s;
+neither 4.4 s.
 """
 
 from __future__ import annotations
 
-import collections
-import ctypes
 import os
 import threading
 
 from . import qcow2
 from .errors import CopyError
 
-_SYNC_FILE_RANGE_WAIT_BEFORE = 1
-_SYNC_FILE_RANGE_WRITE = 2
-_SYNC_FILE_RANGE_WAIT_AFTER = 4
-WINDOWS = 8  # writes per writer thread that may still be in write-back
 FLUSH_INTERVAL = 0.05  # seconds
 FLUSH_MIN = 8 << 20  # the flusher waits for at least this much new data (slow or remote storage)
-
-
-def _libc_sync_file_range():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
-        f = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    f.restype = ctypes.c_int
-    return f
-
-
-_sync_file_range = _libc_sync_file_range()
 
 
 def _strerror(e: OSError) -> str:
@@ -59,7 +40,6 @@ class Target:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise CopyError(f"cannot create image {path}: {_strerror(e)}") from e
-        self._windows = threading.local()
         self._written = 0  # bytes written since the flusher last ran
         self._fd_lock = threading.Lock()  # close() waits for a running fdatasync
         self._stop = threading.Event()
@@ -77,6 +57,7 @@ class Target:
                     return
                 try:
                     os.fdatasync(self.fd)
+                    os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 except OSError as e:
                     self._flush_error = e
                     return
@@ -100,21 +81,6 @@ class Target:
         except OSError as e:
             raise CopyError(f"writing image {self.path} at offset {offset} failed: {_strerror(e)}") from e
         self._written += len(data)
-        if _sync_file_range is None:
-            return
-        # Start write-back of this range now; wait for the one WINDOWS writes ago and drop it
-        # from the page cache (a backup's data is not read again, and dirty pages bounded here
-        # keep the final fsync short).
-        windows = getattr(self._windows, "w", None)
-        if windows is None:
-            windows = self._windows.w = collections.deque()
-        _sync_file_range(self.fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
-        windows.append((offset, len(data)))
-        if len(windows) > WINDOWS:
-            o, n = windows.popleft()
-            _sync_file_range(self.fd, o, n, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
-                             | _SYNC_FILE_RANGE_WAIT_AFTER)
-            os.posix_fadvise(self.fd, o, n, os.POSIX_FADV_DONTNEED)
 
     def _meta(self, writes: list[qcow2.Write]) -> None:
         for offset, data in writes:
@@ -126,6 +92,7 @@ class Target:
             if self._flush_error is not None:
                 raise self._flush_error
             os.fsync(self.fd)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as e:
             raise CopyError(f"flushing image {self.path} failed: {_strerror(e)}") from e
 
