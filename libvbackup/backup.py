@@ -334,6 +334,7 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
                 size=size, bytes_copied=stats.bytes_copied,
                 bytes_zeroed=stats.bytes_zeroed, bitmap=d.bitmap, source_format=d.format,
                 blkhash=checksum.digest_of(hasher.sums), block_size=hasher.block,
+                checksum=hasher.algorithm.name,
             )
             for d, size, stats, hasher in results
         }
@@ -578,14 +579,14 @@ def _write_private(path: pathlib.Path, data: bytes) -> None:
 def _hasher(repository, vm, manifest, plan, d, size) -> checksum.BlockHasher:
     if d.full:
         return checksum.BlockHasher(size)
-    sums, block = _parent_sums(repository, vm, manifest, plan, d.name, size)
-    return checksum.BlockHasher(size, parent_sums=sums, block=block)
+    sums, block, algorithm = _parent_sums(repository, vm, manifest, plan, d.name, size)
+    return checksum.BlockHasher(size, parent_sums=sums, block=block, algorithm_name=algorithm)
 
 
 def _parent_sums(repository: Repository, vm: str, manifest: mf.Manifest, plan: BackupPlan,
-                 disk: str, size: int) -> tuple[bytes, int]:
-    """The parent point's block digests of ``disk`` and their block size, checked against the
-    manifest (an incremental continues with its parent's block size)."""
+                 disk: str, size: int) -> tuple[bytes, int, str]:
+    """The parent point's block digests of ``disk``, their block size and algorithm, checked
+    against the manifest (an incremental continues with its parent's block size and algorithm)."""
     pd = manifest.get(plan.parent).disks[disk]
     path = repository.image(vm, pd.image).with_suffix(".sums")
     try:
@@ -594,10 +595,10 @@ def _parent_sums(repository: Repository, vm: str, manifest: mf.Manifest, plan: B
         raise RepositoryError(f"cannot read checksums {path}: {e.strerror}",
                               "run a full backup (without --incremental) to start a new chain") from e
     if (pd.blkhash != checksum.digest_of(sums)
-            or len(sums) != checksum.block_count(size, pd.block_size) * checksum.DIGEST):
+            or len(sums) != checksum.block_count(size, pd.block_size) * checksum.algorithm(pd.checksum).size):
         raise RepositoryError(f"checksums {path} do not match the manifest (corrupted?)",
                               "run 'libvbackup verify', then a full backup")
-    return sums, pd.block_size
+    return sums, pd.block_size, pd.checksum
 
 
 def _remove_tree(path: pathlib.Path) -> None:

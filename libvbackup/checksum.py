@@ -1,10 +1,15 @@
 """Format-independent checksums of a disk's guest-visible data (pure).
 
-The disk is cut into blocks of ``BLOCK`` bytes; each block's digest is the SHA-256 of its
-bytes, and a block of zeroes has a known digest that costs nothing to compute. A backup point
-stores the list of block digests of each disk (``<point>/<disk>.sums``), and the manifest
-stores the SHA-256 of that list, the disk's *blkhash*: equal for equal guest data, whatever
-the image format or chain. ``verify`` re-reads the chain and compares block by block.
+The disk is cut into blocks of ``BLOCK`` bytes; each block's digest is the XXH3-128 (or, in
+repositories written before it, the SHA-256) of its bytes, and a block of zeroes has a known
+digest that costs nothing to compute. A backup point stores the list of block digests of each
+disk (``<point>/<disk>.sums``), and the manifest stores the SHA-256 of that list, the disk's
+*blkhash*: equal for equal guest data, whatever the image format or chain. ``verify`` re-reads
+the chain and compares block by block.
+
+The digests detect damage (bit rot, truncated or overwritten files, a broken chain), not
+tampering: the repository is private to root. XXH3-128 hashes at tens of GB/s where SHA-256
+manages 1.4 GB/s with SHA-NI: on two cores, SHA-256 cost a full backup 8% of its time.
 
 ``BlockHasher`` computes the digests while a backup is copied, without reading anything
 twice where it can: it is told of every operation as it is queued (``issue``) and completed
@@ -18,49 +23,78 @@ twice where it can: it is told of every operation as it is queued (``issue``) an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
+
+import xxhash
 
 # 256 KiB: an incremental re-reads the clean part of the blocks it changes only in part (from
 # the export), so smaller blocks make scattered writes cheap; the digests take 1/8192 of the disk.
 BLOCK = 256 << 10
-DIGEST = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    name: str
+    size: int  # bytes per digest
+    digest: Callable[[bytes | bytearray | memoryview], bytes]
+
+    def zero_digest(self, length: int) -> bytes:
+        d = _ZEROES.get((self.name, length))
+        if d is None:
+            d = _ZEROES[(self.name, length)] = self.digest(bytes(length))
+        return d
+
+    def zero_sums(self, size: int, block: int = BLOCK) -> bytearray:
+        n, tail = divmod(size, block)
+        return bytearray(self.zero_digest(block) * n + (self.zero_digest(tail) if tail else b""))
+
+    def compare(self, expected: bytes, actual: bytes, block: int = BLOCK) -> list[int]:
+        """Offsets of the blocks whose digests differ."""
+        k = self.size
+        return [i // k * block for i in range(0, min(len(expected), len(actual)), k)
+                if expected[i:i + k] != actual[i:i + k]]
+
+
+_ZEROES: dict[tuple[str, int], bytes] = {}
+ALGORITHMS = {
+    "xxh3-128": Algorithm("xxh3-128", 16, xxhash.xxh3_128_digest),
+    "sha256": Algorithm("sha256", 32, lambda data: hashlib.sha256(data).digest()),
+}
+DEFAULT = "xxh3-128"
+LEGACY = "sha256"  # points whose manifest entry names no algorithm
+
+
+def algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown checksum algorithm {name!r}") from None
 
 
 def block_count(size: int, block: int = BLOCK) -> int:
     return (size + block - 1) // block
 
 
-def zero_digest(length: int, _cache: dict[int, bytes] = {}) -> bytes:  # noqa: B006 - a cache
-    d = _cache.get(length)
-    if d is None:
-        d = _cache[length] = hashlib.sha256(bytes(length)).digest()
-    return d
-
-
-def zero_sums(size: int, block: int = BLOCK) -> bytearray:
-    n, tail = divmod(size, block)
-    return bytearray(zero_digest(block) * n + (zero_digest(tail) if tail else b""))
-
-
 def digest_of(sums: bytes | bytearray) -> str:
     return hashlib.sha256(sums).hexdigest()
 
 
-def block_digest(data: bytes | bytearray | memoryview) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
 class BlockHasher:
-    def __init__(self, size: int, *, parent_sums: bytes | None = None, block: int = BLOCK):
+    def __init__(self, size: int, *, parent_sums: bytes | None = None, block: int = BLOCK,
+                 algorithm_name: str = DEFAULT):
         self.size = size
         self.block = block
+        self.algorithm = algorithm(algorithm_name)
+        self._digest = self.algorithm.digest
+        self._k = k = self.algorithm.size
         n = block_count(size, block)
-        if parent_sums is not None and len(parent_sums) != n * DIGEST:
+        if parent_sums is not None and len(parent_sums) != n * k:
             raise ValueError("parent checksums do not match the disk size")
         self.full = parent_sums is None
-        self.sums = bytearray(parent_sums) if parent_sums is not None else zero_sums(size, block)
+        self.sums = bytearray(parent_sums) if parent_sums is not None else self.algorithm.zero_sums(size, block)
         self._pending: dict[int, int] = {}
         self._covered: dict[int, int] = {}
         self._pieces: dict[int, list[tuple[int, bytes]]] = {}
@@ -68,6 +102,9 @@ class BlockHasher:
         self.reread: list[int] = []
         self._handed = 0  # rereads already handed out by take_rereads
         self._lock = threading.Lock()
+
+    def _set(self, b: int, digest: bytes) -> None:
+        self.sums[b * self._k:(b + 1) * self._k] = digest
 
     def _len(self, b: int) -> int:
         return min(self.block, self.size - b * self.block)
@@ -99,9 +136,9 @@ class BlockHasher:
             piece = view[pos:pos + n]
             pos += n
             if n == self._len(b):  # one operation is the whole block: nothing else touches it
-                digest = block_digest(piece)
+                digest = self._digest(piece)
                 with self._lock:
-                    self.sums[b * DIGEST:(b + 1) * DIGEST] = digest
+                    self._set(b, digest)
                     del self._pending[b], self._covered[b]
                 continue
             with self._lock:
@@ -128,16 +165,16 @@ class BlockHasher:
             self.reread.append(b)
             return
         if not pieces:
-            self.sums[b * DIGEST:(b + 1) * DIGEST] = zero_digest(length)
+            self._set(b, self.algorithm.zero_digest(length))
             return
         if len(pieces) == 1 and len(pieces[0][1]) == length:  # one request covered the block
-            self.sums[b * DIGEST:(b + 1) * DIGEST] = block_digest(pieces[0][1])
+            self._set(b, self._digest(pieces[0][1]))
             return
         buf = bytearray(length)
         base = b * self.block
         for start, chunk in pieces:
             buf[start - base:start - base + len(chunk)] = chunk
-        self.sums[b * DIGEST:(b + 1) * DIGEST] = block_digest(buf)
+        self._set(b, self._digest(buf))
 
     def take_rereads(self) -> list[tuple[int, int]]:
         """The (offset, length) ranges known so far to need a re-read, each handed out once:
@@ -157,10 +194,4 @@ class BlockHasher:
 
     def set_block(self, offset: int, data: bytes) -> None:
         b = offset // self.block
-        self.sums[b * DIGEST:(b + 1) * DIGEST] = block_digest(data)
-
-
-def compare(expected: bytes, actual: bytes, block: int = BLOCK) -> list[int]:
-    """Offsets of the blocks whose digests differ."""
-    return [i // DIGEST * block for i in range(0, min(len(expected), len(actual)), DIGEST)
-            if expected[i:i + DIGEST] != actual[i:i + DIGEST]]
+        self._set(b, self._digest(data))

@@ -11,9 +11,10 @@ import dataclasses
 import json
 from typing import Any
 
+from .checksum import ALGORITHMS
 from .errors import NotFound, RepositoryError
 
-FORMAT = 1
+FORMAT = 2  # 2: points may name their checksum algorithm
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class PointDisk:
     source_format: str | None = None
     blkhash: str | None = None  # SHA-256 of the block digests in "<point>/<disk>.sums"
     block_size: int = 1 << 20  # the block size of those digests (older repositories: 1 MiB)
+    checksum: str = "sha256"  # the algorithm of those digests (older repositories: SHA-256)
 
 
 @dataclasses.dataclass
@@ -122,8 +124,21 @@ def _disk(name: str, dd: Any, at: str) -> PointDisk:
         bitmap=_opt(dd, "bitmap", bool, where, True),
         source_format=_opt(dd, "source_format", str, where, None),
         blkhash=_opt(dd, "blkhash", str, where, None),
-        block_size=_opt(dd, "block_size", int, where, 1 << 20),
+        block_size=_block_size(_opt(dd, "block_size", int, where, 1 << 20), where),
+        checksum=_checksum(_opt(dd, "checksum", str, where, "sha256"), where),
     )
+
+
+def _block_size(n: int, where: str) -> int:
+    if n < 512 or n % 512:
+        raise RepositoryError(f"manifest {where}: field 'block_size' is malformed")
+    return n
+
+
+def _checksum(name: str, where: str) -> str:
+    if name not in ALGORITHMS:
+        raise RepositoryError(f"manifest {where}: unknown checksum algorithm {name!r}", "upgrade libvbackup")
+    return name
 
 
 def _point(raw: Any, at: str) -> Point:

@@ -70,19 +70,20 @@ def verify_disk(repository: Repository, m: Manifest, point: Point, disk: str) ->
         expected = None
     if not problems and expected is not None:
         actual = bytearray()
+        algo = checksum.algorithm(pd.checksum)
         h = nbdio.open_image(str(repository.image(vm, pd.image)), readonly=True)
         try:
             if h.get_size() != pd.size:
                 problems.append(f"image size {h.get_size()} differs from the recorded {pd.size}")
             else:
                 for _off, length, data in nbdio.read_blocks(h, pd.block_size):
-                    actual += checksum.zero_digest(length) if data is None else checksum.block_digest(data)
+                    actual += algo.zero_digest(length) if data is None else algo.digest(data)
         except Error as e:
             problems.append(f"reading the chain failed: {e}")
         finally:
             nbdio.close(h)
         if not problems:
-            bad = checksum.compare(expected, bytes(actual), pd.block_size)
+            bad = algo.compare(expected, bytes(actual), pd.block_size)
             if bad:
                 shown = ", ".join(str(o) for o in bad[:MAX_REPORTED])
                 problems.append(f"{len(bad)} block(s) of {pd.block_size} bytes differ from the backup, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
@@ -102,3 +103,39 @@ def test_missing_image_and_damaged_checksums(chain, repo):
     sums.write_bytes(sums.read_bytes()[:-1] + b"\0")
     r = verify(chain.name, repo=str(repo), checkpoint="diff")
     assert any("checksums" in p for p in r["points"][0]["disks"]["vdb"]["problems"])
+
+
+def _to_legacy(repo, vm_name, tmp_path) -> None:
+    """Rewrite the repository as libvbackup wrote it before XXH3: SHA-256 block digests, no
+    algorithm named in the manifest, manifest format 1."""
+    vmdir = repo / vm_name
+    m = json.loads((vmdir / "manifest.json").read_text())
+    for p in m["points"]:
+        for name, d in p["disks"].items():
+            assert d.pop("checksum") == "xxh3-128"
+            raw = tmp_path / "point.raw"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", str(vmdir / d["image"]), str(raw)], check=True)
+            data, block = raw.read_bytes(), d["block_size"]
+            sums = b"".join(hashlib.sha256(data[i:i + block]).digest() for i in range(0, len(data), block))
+            (vmdir / d["image"]).with_suffix(".sums").write_bytes(sums)
+            d["blkhash"] = hashlib.sha256(sums).hexdigest()
+            raw.unlink()
+    m["format"] = 1
+    (vmdir / "manifest.json").write_text(json.dumps(m))
+
+
+def test_repository_with_sha256_checksums(chain, repo, tmp_path):
+    """Points written with SHA-256 digests still verify, damage in them is still found, and an
+    incremental on top of them continues with SHA-256 (it reuses its parent's digests)."""
+    _to_legacy(repo, chain.name, tmp_path)
+    assert verify(chain.name, repo=str(repo))["ok"]
+    random_writes(chain["vda"], random.Random(5), n=4)
+    pull(chain.name, repo=str(repo), checkpoint="next", incremental="diff")
+    m = json.loads((repo / chain.name / "manifest.json").read_text())
+    assert m["points"][-1]["disks"]["vda"]["checksum"] == "sha256"
+    assert verify(chain.name, repo=str(repo))["ok"]
+    image = repo / chain.name / "next" / "vda.qcow2"
+    flip(image, data_cluster(image) + 99)
+    r = verify(chain.name, repo=str(repo))
+    assert {p["checkpoint"]: p["ok"] for p in r["points"]} == {"full": True, "inc": True, "diff": True, "next": False}
+    assert r["points"][-1]["disks"]["vda"]["bad_blocks"] == 1

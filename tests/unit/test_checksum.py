@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+import xxhash
 from hypothesis import given, settings, strategies as st
 
 from libvbackup import checksum
 
 BLOCK = 4096  # small blocks so that examples span many of them
+# The reference implementations, independent of libvbackup's table of algorithms.
+REFERENCE = {"sha256": lambda b: hashlib.sha256(b).digest(),
+             "xxh3-128": lambda b: xxhash.xxh3_128(b).digest()}
 
 
-def model_sums(data: bytes, block: int = BLOCK) -> bytes:
-    return b"".join(hashlib.sha256(data[i:i + block]).digest() for i in range(0, len(data), block))
+def model_sums(data: bytes, block: int = BLOCK, algo: str = checksum.DEFAULT) -> bytes:
+    return b"".join(REFERENCE[algo](data[i:i + block]) for i in range(0, len(data), block))
 
 
 @st.composite
@@ -33,17 +38,19 @@ def scenario(draw):
         pos += n
     order = draw(st.permutations(range(len(ops))))
     window = draw(st.integers(1, 6))
-    return size, full, parent, ops, order, window
+    algo = draw(st.sampled_from(sorted(REFERENCE)))
+    return size, full, parent, ops, order, window, algo
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(scenario())
 def test_hasher_matches_model(sc):
-    size, full, parent, ops, order, window = sc
+    size, full, parent, ops, order, window, algo = sc
     final = bytearray(parent)
     for _kind, off, data in ops:
         final[off:off + len(data)] = data
-    h = checksum.BlockHasher(size, parent_sums=None if full else model_sums(parent), block=BLOCK)
+    h = checksum.BlockHasher(size, parent_sums=None if full else model_sums(parent, algo=algo), block=BLOCK,
+                             algorithm_name=algo)
     # Queue in offset order, complete in a shuffled order within a sliding window.
     inflight: list[int] = []
     nxt = 0
@@ -63,16 +70,25 @@ def test_hasher_matches_model(sc):
     for off, length in h.finish():
         assert not full, "a full backup never needs to read back"
         h.set_block(off, bytes(final[off:off + length]))
-    assert bytes(h.sums) == model_sums(bytes(final))
+    assert bytes(h.sums) == model_sums(bytes(final), algo=algo)
 
 
-def test_zero_sums_and_compare():
-    assert checksum.zero_sums(2 * BLOCK + 5, BLOCK) == model_sums(bytes(2 * BLOCK + 5))
-    a = model_sums(bytes(3 * BLOCK))
+@pytest.mark.parametrize("algo", sorted(REFERENCE))
+def test_zero_sums_and_compare(algo):
+    a_ = checksum.algorithm(algo)
+    assert a_.zero_sums(2 * BLOCK + 5, BLOCK) == model_sums(bytes(2 * BLOCK + 5), algo=algo)
+    a = model_sums(bytes(3 * BLOCK), algo=algo)
     b = bytearray(a)
-    b[32] ^= 1
-    assert checksum.compare(a, bytes(b), BLOCK) == [BLOCK]
-    assert checksum.compare(a, a, BLOCK) == []
+    b[a_.size + 3] ^= 1  # a bit of the second block's digest
+    assert a_.compare(a, bytes(b), BLOCK) == [BLOCK]
+    assert a_.compare(a, a, BLOCK) == []
+
+
+def test_unknown_algorithm():
+    with pytest.raises(ValueError, match="unknown checksum algorithm"):
+        checksum.algorithm("md4")
+    with pytest.raises(ValueError, match="unknown checksum algorithm"):
+        checksum.BlockHasher(10, algorithm_name="crc")
 
 
 def test_parse_size():
