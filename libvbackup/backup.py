@@ -120,12 +120,14 @@ def _scratch_base(scratch_dir: str | None) -> pathlib.Path:
     return base
 
 
-def _unusable_fn(dom: Domain, manifest: mf.Manifest, dry_run: bool, redefined: list[str]):
+def _unusable_fn(dom: Domain, manifest: mf.Manifest, dry_run: bool, redefined: list[str],
+                 valid: set[str]):
     """Why a checkpoint of the repository cannot serve an incremental backup, or None.
 
     When libvirt lost checkpoints (VM undefined and defined again, moved to another host) but
     the bitmaps are still in the qcow2 images, they are redefined from the XML the repository
-    saved, oldest first, and validated by libvirt (REDEFINE_VALIDATE).
+    saved, oldest first, and validated by libvirt (REDEFINE_VALIDATE). A checkpoint found valid
+    is not validated again in the same run (``valid``; the run plans twice, see ``backup``).
     """
     def unusable(chk: str) -> str | None:
         names = set(dom.checkpoint_names())
@@ -143,13 +145,19 @@ def _unusable_fn(dom: Domain, manifest: mf.Manifest, dry_run: bool, redefined: l
                         return f"libvirt lost it and it cannot be redefined: {why}"
             if chk not in names:
                 return f"libvirt no longer has checkpoint {chk!r}"
-        return dom.validate_checkpoint(chk)
+        if chk in valid:
+            return None
+        why = dom.validate_checkpoint(chk)
+        if why is None:
+            valid.add(chk)
+        return why
     return unusable
 
 
 def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental, level=None,
              disks, exclude, scratch_dir, dry_run=False, mode="pull",
-             redefined: list | None = None) -> tuple[str, Documents, mf.Manifest, ParentChoice]:
+             redefined: list | None = None, valid: set | None = None,
+             ) -> tuple[str, Documents, mf.Manifest, ParentChoice]:
     vm = dom.name
     if not dom.is_running():
         raise StateError(f"VM {vm!r} is not running; a backup needs a running VM",
@@ -161,7 +169,9 @@ def _prepare(dom: Domain, repository: Repository, *, checkpoint, incremental, le
     chosen = domxml.select_disks(domxml.parse_disks(domain_xml), disks, exclude)
     manifest = repository.load(vm)
     choice = choose_parent(manifest, level=level, incremental=incremental,
-                           unusable=_unusable_fn(dom, manifest, dry_run, redefined if redefined is not None else []))
+                           unusable=_unusable_fn(dom, manifest, dry_run,
+                                                 redefined if redefined is not None else [],
+                                                 valid if valid is not None else set()))
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=dom.checkpoint_names(),
                        checkpoint=checkpoint, incremental=choice.parent,
                        prefix=repository.checkpoint_prefix)
@@ -226,7 +236,7 @@ def backup(
         redefined: list[str] = []
         kw = dict(checkpoint=checkpoint, incremental=incremental, level=level, disks=disks,
                   exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run, redefined=redefined,
-                  mode=mode)
+                  valid=set(), mode=mode)
         # Plan before taking the lock, so that bad input changes nothing, not even a directory.
         domain_xml, docs, manifest, choice = _prepare(dom, repository, **kw)
         extra = {"requested_level": level or ("inc" if incremental else "full"),
