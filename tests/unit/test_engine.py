@@ -86,10 +86,11 @@ def test_full_copy_equals_the_source_with_true_digests(tmp_path, fmt):
     assert stats.bytes_copied > 0 and stats.bytes_zeroed == 0  # a new image: zeroes are skipped
 
 
-@pytest.mark.parametrize("max_request", [64 * KiB, MiB])
-def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch, max_request):
+@pytest.mark.parametrize("max_request,block", [(64 * KiB, 256 * KiB), (MiB, 256 * KiB), (MiB, checksum.BLOCK)])
+def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch, max_request, block):
     """Only 'dirty' ranges are written (some now zero, some partly covering a 64 KiB cluster);
-    the result read through its backing file equals the source everywhere."""
+    the result read through its backing file equals the source everywhere. With checksum
+    blocks of the image's cluster size nothing is read back: whole clusters are copied."""
     size = 4 * MiB + 512
     rng = random.Random(5)
     old = tmp_path / "old.qcow2"
@@ -120,11 +121,11 @@ def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch, max_reques
     monkeypatch.setattr(nbdio, "read_extents", with_dirty)
     top = tmp_path / "top.qcow2"
     dst = target.Qcow2Target(str(top), size, backing="old.qcow2")
-    parent = checksum.BlockHasher(size, block=256 * KiB)
+    parent = checksum.BlockHasher(size, block=block)
     old_bytes = read_raw(old, "qcow2", tmp_path)
-    for off in range(0, size, 256 * KiB):
-        parent.set_block(off, old_bytes[off:off + 256 * KiB])
-    hasher = checksum.BlockHasher(size, parent_sums=bytes(parent.sums), block=256 * KiB)
+    for off in range(0, size, block):
+        parent.set_block(off, old_bytes[off:off + block])
+    hasher = checksum.BlockHasher(size, parent_sums=bytes(parent.sums), block=block)
     try:
         nbdio.copy(src, dst, bitmap="fake", hasher=hasher, max_request=max_request)
     finally:
@@ -133,10 +134,11 @@ def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch, max_reques
     expected = read_raw(new, "qcow2", tmp_path)
     assert read_raw(top, "qcow2", tmp_path) == expected
     subprocess.run(["qemu-img", "check", "-q", str(top)], check=True)
-    want = checksum.BlockHasher(size, block=256 * KiB)
-    for off in range(0, size, 256 * KiB):
-        want.set_block(off, expected[off:off + 256 * KiB])
+    want = checksum.BlockHasher(size, block=block)
+    for off in range(0, size, block):
+        want.set_block(off, expected[off:off + block])
     assert hasher.sums == want.sums
+    assert (hasher.reread == []) == (block == dst.granularity), hasher.reread
 
 
 def test_a_failing_target_stops_the_copy_with_one_error(tmp_path):
