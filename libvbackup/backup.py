@@ -333,7 +333,7 @@ def _run(repository: Repository, dom: Domain, domain_xml: str, docs: Documents,
         results = phase(repository, dom, docs, manifest, partial, progress_mode, on_job_started,
                         scratch_limit, handles)
         for d, _size, _stats, hasher in results:
-            _write_private(partial / f"{d.name}.sums", bytes(hasher.sums))
+            _write_private(partial / f"{d.name}.sums", hasher.sums)
         chk_xml = dom.checkpoint_xml(plan.checkpoint)
 
         os.rename(partial, final)
