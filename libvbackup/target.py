@@ -2,25 +2,49 @@
 
 A target tells the engine where the data of a guest range goes in the file (``place``), takes
 zero ranges (``zero``), and makes the file complete and durable (``finish``: metadata, then
-fsync). Data is written with ``pwrite`` by the engine's writer threads. A flusher thread calls
-``fdatasync`` every ``FLUSH_INTERVAL`` once ``FLUSH_MIN`` new bytes were written, then drops
-the file's clean pages from the page cache (a backup's data is not read again): on a virtual
-disk a write-back completes into the host's cache, and a single flush at the end would wait
-for all of it. Measured on one export, alternating runs, medians of 6: nbdcopy 2.75 s; flusher
-alone 2.78 s; flusher and a sync_file_range per write 3.25 s;
-neither 4.4 s.
+fsync). Data is written with ``pwrite`` by the engine's writer threads.
+
+A flusher thread keeps the disk busy while the copy goes on, so that the final fsync has
+little left to do: every ``START_INTERVAL`` it starts the write-out of what was written
+(``sync_file_range`` over the file, without waiting), and every ``FLUSH_INTERVAL`` it calls
+``fdatasync`` and drops the file's clean pages from the page cache (a backup's data is not read
+again, and a backup leaves no cache footprint). On a virtual disk a write-back completes into
+the host's cache, and a single flush at the end waits for all of it. Measured on one export,
+alternating runs, medians: a full copy took nbdcopy 2.75 s; fdatasync every 50 ms alone
+2.78 s; with a sync_file_range per write in the writers 3.25 s; neither 4.4 s. Starting
+write-out every 10 ms as well cut an incremental's cost for 40 MiB in 64 pieces from 0.16 s
+to 0.12 s and did not slow the full copy.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
+import time
 
 from . import qcow2
 from .errors import CopyError
 
 FLUSH_INTERVAL = 0.05  # seconds
 FLUSH_MIN = 8 << 20  # the flusher waits for at least this much new data (slow or remote storage)
+START_INTERVAL = 0.01  # seconds between starts of write-out
+START_MIN = 1 << 20  # new bytes that make a start of write-out worth a system call
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_sync_file_range():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
+        f = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_sync_file_range = _libc_sync_file_range()
 
 
 def _strerror(e: OSError) -> str:
@@ -48,10 +72,22 @@ class Target:
         self._flusher.start()
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(FLUSH_INTERVAL):
-            if self._written < FLUSH_MIN:
+        interval = START_INTERVAL if _sync_file_range is not None else FLUSH_INTERVAL
+        last_flush = time.monotonic()
+        started = 0
+        while not self._stop.wait(interval):
+            written = self._written
+            if written - started >= START_MIN and _sync_file_range is not None:
+                started = written
+                with self._fd_lock:
+                    if self._stop.is_set() or self.fd < 0:
+                        return
+                    _sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            if written < FLUSH_MIN or time.monotonic() - last_flush < FLUSH_INTERVAL:
                 continue
+            last_flush = time.monotonic()
             self._written = 0
+            started = 0
             with self._fd_lock:
                 if self._stop.is_set() or self.fd < 0:
                     return
