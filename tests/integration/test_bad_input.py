@@ -15,6 +15,7 @@ import tempfile
 import pytest
 
 from libvbackup.backup import pull
+from libvbackup.manifest import FORMAT
 
 from .helpers import MiB, cli, leftovers, tmpfs, tree
 
@@ -113,7 +114,8 @@ def test_corrupt_and_newer_manifests_are_refused(env):
         manifest.write_text(good[: len(good) // 2])
         check_refused(env, ["pull", "{vm}", "--repo", "{repo}"], 5, "not valid JSON")
         check_refused(env, ["list", "{vm}", "--repo", "{repo}"], 5, "not valid JSON")
-        manifest.write_text(good.replace('"format": 1', '"format": 99', 1))
+        assert f'"format": {FORMAT}' in good
+        manifest.write_text(good.replace(f'"format": {FORMAT}', '"format": 99', 1))
         check_refused(env, ["pull", "{vm}", "--repo", "{repo}"], 5, "newer")
         check_refused(env, ["restore", "{vm}", "--repo", "{repo}", "--output", "{base}/o"], 5, "newer")
     finally:
