@@ -11,7 +11,7 @@ import dataclasses
 import json
 from typing import Any
 
-from .checksum import ALGORITHMS
+from .checksum import ALGORITHMS, LEGACY
 from .errors import NotFound, RepositoryError
 
 FORMAT = 2  # 2: points may name their checksum algorithm
@@ -29,7 +29,7 @@ class PointDisk:
     source_format: str | None = None
     blkhash: str | None = None  # SHA-256 of the block digests in "<point>/<disk>.sums"
     block_size: int = 1 << 20  # the block size of those digests (older repositories: 1 MiB)
-    checksum: str = "sha256"  # the algorithm of those digests (older repositories: SHA-256)
+    checksum: str = LEGACY  # the algorithm of those digests (older repositories: SHA-256)
 
 
 @dataclasses.dataclass
@@ -125,7 +125,7 @@ def _disk(name: str, dd: Any, at: str) -> PointDisk:
         source_format=_opt(dd, "source_format", str, where, None),
         blkhash=_opt(dd, "blkhash", str, where, None),
         block_size=_block_size(_opt(dd, "block_size", int, where, 1 << 20), where),
-        checksum=_checksum(_opt(dd, "checksum", str, where, "sha256"), where),
+        checksum=_checksum(_opt(dd, "checksum", str, where, LEGACY), where),
     )
 
 
