@@ -28,8 +28,6 @@ import hashlib
 import threading
 from typing import Callable, Iterable
 
-import xxhash
-
 # 64 KiB, the cluster of the images libvbackup writes: an incremental copies whole clusters, so
 # every block it touches is covered by what it copies and nothing needs reading back (a block
 # changed only in part would have to be re-read from the export). The digests (16 bytes) take
@@ -37,11 +35,34 @@ import xxhash
 BLOCK = 64 << 10
 
 
+DigestFn = Callable[[bytes | bytearray | memoryview], bytes]
+
+
+def _xxh3_128() -> DigestFn:
+    import xxhash  # the C extension loads when digests are computed, not when a manifest is read
+
+    return xxhash.xxh3_128_digest
+
+
+def _sha256() -> DigestFn:
+    return lambda data: hashlib.sha256(data).digest()
+
+
+_LOADED: dict[str, DigestFn] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
     name: str
     size: int  # bytes per digest
-    digest: Callable[[bytes | bytearray | memoryview], bytes]
+    loader: Callable[[], DigestFn]
+
+    @property
+    def digest(self) -> DigestFn:
+        fn = _LOADED.get(self.name)
+        if fn is None:
+            fn = _LOADED[self.name] = self.loader()
+        return fn
 
     def zero_digest(self, length: int) -> bytes:
         d = _ZEROES.get((self.name, length))
@@ -62,8 +83,8 @@ class Algorithm:
 
 _ZEROES: dict[tuple[str, int], bytes] = {}
 ALGORITHMS = {
-    "xxh3-128": Algorithm("xxh3-128", 16, xxhash.xxh3_128_digest),
-    "sha256": Algorithm("sha256", 32, lambda data: hashlib.sha256(data).digest()),
+    "xxh3-128": Algorithm("xxh3-128", 16, _xxh3_128),
+    "sha256": Algorithm("sha256", 32, _sha256),
 }
 DEFAULT = "xxh3-128"
 LEGACY = "sha256"  # points whose manifest entry names no algorithm
@@ -85,23 +106,36 @@ def digest_of(sums: bytes | bytearray) -> str:
 
 
 class BlockHasher:
-    def __init__(self, size: int, *, parent_sums: bytes | None = None, block: int = BLOCK,
-                 algorithm_name: str = DEFAULT):
+    def __init__(self, size: int, *, parent_sums: bytes | None = None, parent_size: int | None = None,
+                 block: int = BLOCK, algorithm_name: str = DEFAULT):
+        """``parent_sums``: the digests of the parent point (an incremental), of a disk of
+        ``parent_size`` bytes (default ``size``). A disk that grew since keeps them; its new
+        blocks read as zeroes (the parent's image ends there), and a last parent block that
+        was short is re-read at its new length."""
         self.size = size
         self.block = block
         self.algorithm = algorithm(algorithm_name)
         self._digest = self.algorithm.digest
         self._k = k = self.algorithm.size
-        n = block_count(size, block)
-        if parent_sums is not None and len(parent_sums) != n * k:
-            raise ValueError("parent checksums do not match the disk size")
+        self.reread: list[int] = []
         self.full = parent_sums is None
-        self.sums = bytearray(parent_sums) if parent_sums is not None else self.algorithm.zero_sums(size, block)
+        if parent_sums is None:
+            self.sums = self.algorithm.zero_sums(size, block)
+        else:
+            old = size if parent_size is None else parent_size
+            if old > size or len(parent_sums) != block_count(old, block) * k:
+                raise ValueError("parent checksums do not match the disk size")
+            self.sums = bytearray(parent_sums)
+            if old < size:
+                if old % block:
+                    self.reread.append(old // block)
+                    self.sums[-k:] = self.algorithm.zero_digest(self._len(old // block))
+                grown = self.algorithm.zero_sums(size, block)[len(self.sums):]
+                self.sums += grown
         self._pending: dict[int, int] = {}
         self._covered: dict[int, int] = {}
         self._pieces: dict[int, list[tuple[int, bytes]]] = {}
         self._frontier = 0  # no operation will be queued below this block any more
-        self.reread: list[int] = []
         self._handed = 0  # rereads already handed out by take_rereads
         self._lock = threading.Lock()
 
@@ -193,6 +227,10 @@ class BlockHasher:
             for b in list(self._pending):
                 self._maybe_finish(b)
         return sorted(self.take_rereads())
+
+    def blkhash(self) -> str:
+        """The disk's blkhash: the SHA-256 of its digest list."""
+        return digest_of(self.sums)
 
     def set_block(self, offset: int, data: bytes) -> None:
         b = offset // self.block

@@ -1,29 +1,29 @@
-"""Checkpoints beside the repository's points; status and abort of a running backup."""
+"""Checkpoints beside the repository's points; status and abort of a running backup.
+
+Whether a backup is running is told by the VM's lock alone (a run holds it for its whole life):
+the pid in the journal is never trusted, and ``abort`` signals only the process the kernel
+shows holding the lock (``lock.signal_holder``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 
-from .backup import _pid_alive, recover
-from .errors import NotFound, StateError
+from . import checkpoints as chk_mod, journal, lock
+from .errors import Error, NotFound, StateError
 from .repo import Repository
+from .results import AbortResult, CheckpointInfo, CheckpointsResult, StatusResult
 from .virt import Connection
 
 log = logging.getLogger(__name__)
 
 
-def checkpoints(vm: str, *, repo: str, uri: str | None = None) -> dict:
-    """libvirt's checkpoints of ``vm`` beside the repository's points.
-
-    Each checkpoint is marked ``point`` (a point of this repository), ``orphan`` (made by
-    libvbackup for this repository but belonging to no point: a run that failed and could not
-    clean up), ``other-repository`` (made by libvbackup for another repository), or ``foreign``
-    (made by another tool: never touched). ``lost`` lists points whose checkpoint libvirt no
-    longer has (they are redefined from the repository when an incremental needs them).
-    """
+def checkpoints(vm: str, *, repo: str, uri: str | None = None) -> CheckpointsResult:
+    """libvirt's checkpoints of ``vm`` beside the repository's points (see ``checkpoints.owner``).
+    ``lost`` lists points whose checkpoint libvirt no longer has (an incremental that needs
+    them redefines them from the repository)."""
     repository = Repository(repo)
     repository.check_readable()
     m = repository.load(vm)
@@ -32,69 +32,63 @@ def checkpoints(vm: str, *, repo: str, uri: str | None = None) -> dict:
         dom = conn.domain(vm)
         out = []
         for name in dom.checkpoint_names():
-            desc = _description(dom.checkpoint_xml(name))
-            if name in points:
-                owner = "point"
-            elif desc.startswith("libvbackup ") and f"repository {repository.root}" in desc:
-                owner = "orphan"
-            elif desc.startswith("libvbackup ") or name.startswith("lvb-"):
-                owner = "orphan" if name.startswith(repository.checkpoint_prefix + "-") else "other-repository"
-            else:
-                owner = "foreign"
-            out.append({"name": name, "owner": owner, "description": desc})
-        names = {c["name"] for c in out}
-    return {"vm": vm, "repo": str(repository.root), "checkpoints": out,
-            "lost": [p.checkpoint for p in m.points if p.checkpoint not in names]}
+            desc = chk_mod.description_of(dom.checkpoint_xml(name))
+            out.append(CheckpointInfo(name, chk_mod.owner(name, desc, points, str(repository.root),
+                                                          repository.checkpoint_prefix), desc))
+    names = {c.name for c in out}
+    return CheckpointsResult(vm, str(repository.root), tuple(out),
+                             tuple(p.checkpoint for p in m.points if p.checkpoint not in names))
 
 
-def _description(xml: str) -> str:
-    from lxml import etree
-
-    el = etree.fromstring(xml.encode()).find("description")
-    return (el.text or "") if el is not None else ""
-
-
-def status(vm: str, *, repo: str, uri: str | None = None) -> dict:
+def status(vm: str, *, repo: str, uri: str | None = None) -> StatusResult:
     """The backup running for ``vm`` in this repository, if any: who, what, how far."""
     repository = Repository(repo)
     repository.check_readable()
-    state = repository.read_run(vm)
-    if not state:
-        return {"vm": vm, "running": False}
-    pid = state.get("pid")
-    alive = isinstance(pid, int) and _pid_alive(pid)
-    result = {"vm": vm, "running": alive, "stale": not alive, "pid": pid, "mode": state.get("mode", "pull"),
-              "checkpoint": state.get("checkpoint"), "started": state.get("started")}
-    progress = repository.read_progress(vm)
-    if progress:
-        result.update(bytes_done=progress.get("done"), bytes_total=progress.get("total"),
-                      disks=progress.get("disks"))
-    try:
-        with Connection(uri) as conn:
-            stats = conn.domain(vm).job_stats()
-        result["scratch_used"] = stats.get("disk_temp_used")
-        result["job"] = bool(stats.get("type"))
-    except Exception as e:  # noqa: BLE001 - status must still answer without libvirt
-        result["libvirt_error"] = str(e)
-    return result
+    record = journal.read(repository, vm)
+    if record is None:
+        return StatusResult(vm, running=False)
+    holder = repository.lock_holder(vm)
+    alive = holder is not None
+    progress = repository.read_progress(vm) or {}
+    scratch_used = job = libvirt_error = None
+    if alive:
+        try:
+            with Connection(uri) as conn:
+                stats = conn.domain(vm).job_stats()
+            scratch_used, job = stats.get("disk_temp_used"), bool(stats.get("type"))
+        except Error as e:  # status must still answer without libvirt
+            libvirt_error = str(e)
+    return StatusResult(vm, running=alive, stale=not alive,
+                        pid=(holder if holder and holder > 0 else None) if alive else record.pid,
+                        mode=record.mode, checkpoint=record.checkpoint, started=record.started,
+                        bytes_done=progress.get("done") if alive else None,
+                        bytes_total=progress.get("total") if alive else None,
+                        disks=progress.get("disks") if alive else None,
+                        scratch_used=scratch_used, job=job, libvirt_error=libvirt_error)
 
 
-def abort(vm: str, *, repo: str, uri: str | None = None, wait: float = 60.0) -> dict:
+def abort(vm: str, *, repo: str, uri: str | None = None, wait: float = 60.0) -> AbortResult:
     """Stop the running backup (it aborts its job and cleans up), or clean up after a dead one."""
     repository = Repository(repo)
     repository.check_readable()
-    state = repository.read_run(vm)
-    if state is None:
+    record = journal.read(repository, vm)
+    if record is None:
         raise NotFound(f"no backup of VM {vm!r} is running in {repository.root}")
-    pid = state.get("pid")
-    if isinstance(pid, int) and _pid_alive(pid) and pid != os.getpid():
-        os.kill(pid, signal.SIGTERM)
+    holder = repository.lock_holder(vm)
+    if holder is not None:
+        if holder == os.getpid():
+            raise StateError(f"the backup of VM {vm!r} runs in this process; stop it there")
+        if holder == lock.UNKNOWN_HOLDER or not lock.signal_holder(repository.lock_path(vm), holder):
+            raise StateError(f"a libvbackup operation holds VM {vm!r} but its process cannot be proven; "
+                             "nothing was signalled")
         deadline = time.monotonic() + wait
-        while _pid_alive(pid) and repository.read_run(vm) is not None:
+        while repository.run_is_live(vm):
             if time.monotonic() > deadline:
-                raise StateError(f"backup process {pid} did not stop within {wait:.0f} s")
+                raise StateError(f"backup process {holder} did not stop within {wait:.0f} s")
             time.sleep(0.1)
-        return {"vm": vm, "aborted": state.get("checkpoint"), "pid": pid}
+        return AbortResult(vm, record.checkpoint, holder, cleaned_up=False)
     with Connection(uri) as conn, repository.lock(vm):
-        recover(repository, vm, conn.domain(vm))
-    return {"vm": vm, "aborted": state.get("checkpoint"), "pid": pid, "cleaned_up": True}
+        journal.recover(repository, vm, conn.domain(vm))
+    return AbortResult(vm, record.checkpoint, record.pid, cleaned_up=True)
+
+

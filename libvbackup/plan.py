@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from .domxml import Disk
 from .errors import NotFound, StateError, UsageError
@@ -30,6 +30,7 @@ class PlannedDisk:
     backing: str | None  # parent's image (relative to the VM dir) for an incremental image
     format: str | None
     reason: str | None = None  # why a disk is copied in full inside an incremental backup
+    size: int | None = None  # virtual size now, when known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,8 @@ class BackupPlan:
     parent: str | None
     level: str  # full | incremental | differential
     disks: tuple[PlannedDisk, ...]
+    # Checkpoints libvirt lost that the run gives back from the manifest first, oldest first.
+    redefine: tuple[str, ...] = ()
 
     @property
     def incremental(self) -> str | None:
@@ -71,11 +74,17 @@ def plan_backup(
     checkpoint: str | None = None,
     incremental: str | None = None,
     prefix: str = "lvb",
+    sizes: Mapping[str, int] | None = None,
+    redefine: Sequence[str] = (),
 ) -> BackupPlan:
     """Choose the checkpoint, parent, level, and per-disk full/incremental mode of a backup.
 
-    ``disks`` are the disks chosen for this backup (see ``domxml.select_disks``).
+    ``disks`` are the disks chosen for this backup (see ``domxml.select_disks``), ``sizes``
+    their virtual sizes now. ``redefine``: checkpoints libvirt lost that will be given back
+    before the job starts (``libvirt_checkpoints`` already counts them); kept in the plan only
+    when the chosen parent's chain needs them.
     """
+    sizes = sizes or {}
     taken = set(libvirt_checkpoints) | {p.checkpoint for p in manifest.points}
     if checkpoint is None:
         checkpoint = default_checkpoint_name(taken=taken, prefix=prefix)
@@ -107,12 +116,15 @@ def plan_backup(
         bitmap = d.bitmap_capable
         reason = None
         pdisk = parent.disks.get(d.target) if parent else None
+        size = sizes.get(d.target)
         if parent is None:
             full = True
         elif pdisk is None:
             full, reason = True, f"not in point {parent.checkpoint}"
         elif not pdisk.bitmap or not bitmap:
             full, reason = True, f"{d.format or 'unknown'}-format disk holds no dirty bitmap"
+        elif size is not None and size < pdisk.size:
+            full, reason = True, f"shrunk from {pdisk.size} to {size} bytes since {parent.checkpoint}: a new chain"
         else:
             full = False
         planned.append(
@@ -123,6 +135,7 @@ def plan_backup(
                 backing=None if full else pdisk.image,
                 format=d.format,
                 reason=reason,
+                size=size,
             )
         )
     if parent is not None and all(p.full for p in planned):
@@ -139,6 +152,7 @@ def plan_backup(
         parent=parent.checkpoint if parent else None,
         level=level,
         disks=tuple(planned),
+        redefine=tuple(redefine) if parent is not None else (),
     )
 
 

@@ -5,8 +5,8 @@
     <repo>/                       0700
       <vm>/                       0700
         manifest.json             0600, replaced atomically (write, fsync, rename, fsync dir)
-        .lock                     flock held by the one operation running on this VM
-        .run.json                 what the running (or a crashed) backup created; see backup.py
+        .lock                     flock held by the one operation running on this VM (never removed)
+        .run.json                 what the running (or a crashed) backup created; see journal.py
         <checkpoint>/<disk>.qcow2 one image per disk per point, backing = the parent's image
         <checkpoint>.partial/     images being written; renamed to <checkpoint>/ when complete
 """
@@ -14,16 +14,13 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
 import pathlib
-from typing import Iterator
 
-from . import manifest as mf
-from .errors import RepositoryError, StateError
+from . import checksum, lock as lock_mod, manifest as mf
+from .errors import RepositoryError
 from .plan import check_name
 
 DEFAULT_REPO = "/var/lib/libvbackup"
@@ -49,6 +46,18 @@ def write_atomic(path: pathlib.Path, text: str, mode: int = 0o600) -> None:
             tmp.unlink()
         raise RepositoryError(f"cannot write {path}: {e.strerror}") from e
     fsync_dir(path.parent)
+
+
+def _write_new(path: pathlib.Path, data: bytes) -> None:
+    """A new private file with ``data``, on disk when this returns."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise RepositoryError(f"cannot write {path}: {e.strerror}") from e
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -121,7 +130,41 @@ class Repository:
         return self.vm_dir(vm) / ".run.json"
 
     def image(self, vm: str, relpath: str) -> pathlib.Path:
+        """An image named as the manifest names it (relative to the VM's directory)."""
         return self.vm_dir(vm) / relpath
+
+    @staticmethod
+    def image_name(checkpoint: str, disk: str) -> str:
+        """How the manifest names a point's image of ``disk``: ``<checkpoint>/<disk>.qcow2``."""
+        return f"{checkpoint}/{disk}.qcow2"
+
+    @staticmethod
+    def backing_name(image_name: str) -> str:
+        """The backing file an incremental image records for its parent's image: a path
+        relative to the image's own directory, so the repository can move as a whole."""
+        return f"../{image_name}"
+
+    def point_dir(self, vm: str, checkpoint: str) -> pathlib.Path:
+        return self.vm_dir(vm) / checkpoint
+
+    def partial_dir(self, vm: str, checkpoint: str) -> pathlib.Path:
+        """Where a point's files are written; renamed to ``point_dir`` once complete."""
+        return self.vm_dir(vm) / f"{checkpoint}.partial"
+
+    @staticmethod
+    def image_file(directory: pathlib.Path, disk: str) -> pathlib.Path:
+        return directory / f"{disk}.qcow2"
+
+    @staticmethod
+    def sums_file(directory: pathlib.Path, disk: str) -> pathlib.Path:
+        return directory / f"{disk}.sums"
+
+    def sums_path(self, vm: str, image_name: str) -> pathlib.Path:
+        """The block digests stored beside a point's image."""
+        return self.image(vm, image_name).with_suffix(".sums")
+
+    def lock_path(self, vm: str) -> pathlib.Path:
+        return self.vm_dir(vm) / ".lock"
 
     def vms(self) -> list[str]:
         if not self.root.is_dir():
@@ -154,17 +197,49 @@ class Repository:
             raise RepositoryError(f"cannot create {d}: {e.strerror}") from e
         return d
 
-    # -- run journal (what a backup is about to create) -------------------------------------
-    def read_run(self, vm: str) -> dict | None:
+    # -- points ---------------------------------------------------------------------------
+    def read_sums(self, vm: str, pd: mf.PointDisk) -> bytes:
+        """A point's stored block digests of one disk, checked against the manifest."""
+        path = self.sums_path(vm, pd.image)
         try:
-            return json.loads(self.run_path(vm).read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
+            sums = path.read_bytes()
+        except OSError as e:
+            raise RepositoryError(f"cannot read checksums {path}: {e.strerror}",
+                                  "run a full backup (--level full) to start a new chain") from e
+        want = checksum.block_count(pd.size, pd.block_size) * checksum.algorithm(pd.checksum).size
+        if pd.blkhash != checksum.digest_of(sums) or len(sums) != want:
+            raise RepositoryError(f"checksums {path} do not match the manifest (corrupted?)",
+                                  "run 'libvbackup verify', then a full backup")
+        return sums
 
-    def write_run(self, vm: str, state: dict) -> None:
-        write_atomic(self.run_path(vm), json.dumps(state, indent=2) + "\n")
+    def commit_point(self, m: mf.Manifest, point: mf.Point, sums: dict[str, bytes]) -> None:
+        """Make a point whose images are complete in ``<chk>.partial/`` part of the repository,
+        in the order that survives a power cut at any moment:
+
+        1. each ``.sums`` file written and fsynced (the images were fsynced by their writer);
+        2. ``<chk>.partial/`` fsynced: its entries are on disk;
+        3. renamed to ``<chk>/``, then the VM directory fsynced: the rename is on disk;
+        4. the manifest replaced atomically (temporary file fsynced, renamed, directory fsynced).
+
+        Until step 4 the point does not exist for anyone; after it, everything it names is there.
+        """
+        vm = m.vm
+        partial = self.partial_dir(vm, point.checkpoint)
+        for disk, data in sums.items():
+            _write_new(self.sums_file(partial, disk), data)
+        fsync_dir(partial)
+        os.rename(partial, self.point_dir(vm, point.checkpoint))
+        fsync_dir(self.vm_dir(vm))
+        m.points.append(point)
+        self.save(m)
+
+    # -- run journal (what a backup is about to create) -------------------------------------
+    def has_run(self, vm: str) -> bool:
+        return self.run_path(vm).exists()
+
+    def write_run(self, vm: str, text: str) -> None:
+        """The run journal (``journal.RunRecord``), replaced atomically."""
+        write_atomic(self.run_path(vm), text)
 
     def progress_path(self, vm: str) -> pathlib.Path:
         return self.vm_dir(vm) / ".progress.json"
@@ -194,29 +269,18 @@ class Repository:
             fsync_dir(self.vm_dir(vm))
 
     # -- lock -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, vm: str) -> Iterator[None]:
-        """One operation per VM per repository; the lock dies with its process."""
-        d = self.ensure_vm_dir(vm)
-        path = d / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise StateError(
-                    f"another libvbackup operation (pid {holder}) holds VM {vm!r} in {self.root}"
-                ) from e
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            try:
-                yield
-            finally:
-                # Unlinked while still held, so no lock file outlives the operation.
-                with contextlib.suppress(OSError):
-                    path.unlink()
-        finally:
-            os.close(fd)
+    def lock(self, vm: str) -> lock_mod.VmLock:
+        """One operation per VM per repository: ``with repository.lock(vm): ...``. The lock dies
+        with its process and its file is never removed (see ``lock``)."""
+        self.ensure_vm_dir(vm)
+        return lock_mod.VmLock(self.lock_path(vm), vm=vm)
+
+    def lock_holder(self, vm: str) -> int | None:
+        """The pid proven to hold the VM's lock now (``lock.UNKNOWN_HOLDER`` when held by a
+        process that cannot be identified), or None: no operation is running."""
+        path = self.lock_path(vm)
+        return lock_mod.holder(path) if path.exists() else None
+
+    def run_is_live(self, vm: str) -> bool:
+        """Whether the run that wrote the journal may still be running: its lock is held."""
+        return self.lock_holder(vm) is not None

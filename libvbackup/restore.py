@@ -12,7 +12,7 @@ import os
 import pathlib
 from typing import Sequence
 
-from . import nbdio, target
+from . import engine, nbdio, target
 from .errors import NotFound, RepositoryError, UsageError
 from .progress import Progress
 from .repo import Repository, fsync_dir as repo_fsync_dir
@@ -125,16 +125,8 @@ def restore(
 
 
 def _copy_chain(image: str, output: str, fmt: str, name: str, progress: str) -> None:
-    src = nbdio.open_image(image, readonly=True)
-    dst = None
-    try:
-        size = nbdio.size(src)
-        dst = target.open_target(output, size, fmt)
+    with nbdio.image(image) as src, contextlib.closing(target.open_target(output, src.size, fmt)) as dst:
         prog = Progress(progress)
-        prog.add(name, nbdio.planned_bytes(src, None, dst.reads_as_zero, dst.granularity))
+        prog.add(name, engine.planned_bytes(src, dst))
         with prog:
-            nbdio.copy(src, dst, progress=prog.callback(name))
-    finally:
-        if dst is not None:
-            dst.close()
-        nbdio.close(src)
+            engine.copy(src, dst, progress=prog.callback(name))

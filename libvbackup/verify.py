@@ -2,14 +2,15 @@
 
 For each point (or one), and each of its disks: every image of the chain must exist and
 point at the expected backing file; the stored block digests must match the manifest; and
-the chain, read again through qemu-nbd, must give the same digests block by block.
+the chain, read again by the copy engine from qemu-nbd (into nothing, the block hasher
+watching), must give the same digests block by block.
 """
 
 from __future__ import annotations
 
 import logging
 
-from . import checksum, nbdio, qemuimg
+from . import checksum, engine, nbdio, qemuimg
 from .errors import Error, NotFound
 from .manifest import Manifest, Point
 from .repo import Repository
@@ -59,7 +60,7 @@ def verify_disk(repository: Repository, m: Manifest, point: Point, disk: str) ->
         if info.get("backing-filename") != want:
             problems.append(f"image {path} has backing file {info.get('backing-filename')!r}, expected {want!r}")
     pd = point.disks[disk]
-    sums_path = repository.image(vm, pd.image).with_suffix(".sums")
+    sums_path = repository.sums_path(vm, pd.image)
     try:
         expected = sums_path.read_bytes()
     except OSError as e:
@@ -69,21 +70,17 @@ def verify_disk(repository: Repository, m: Manifest, point: Point, disk: str) ->
         problems.append(f"checksums {sums_path} do not match the manifest")
         expected = None
     if not problems and expected is not None:
-        actual = bytearray()
-        algo = checksum.algorithm(pd.checksum)
-        h = nbdio.open_image(str(repository.image(vm, pd.image)), readonly=True)
         try:
-            if h.get_size() != pd.size:
-                problems.append(f"image size {h.get_size()} differs from the recorded {pd.size}")
-            else:
-                for _off, length, data in nbdio.read_blocks(h, pd.block_size):
-                    actual += algo.zero_digest(length) if data is None else algo.digest(data)
+            with nbdio.image(str(repository.image(vm, pd.image))) as src:
+                if src.size != pd.size:
+                    problems.append(f"image size {src.size} differs from the recorded {pd.size}")
+                else:
+                    hasher = checksum.BlockHasher(pd.size, block=pd.block_size, algorithm_name=pd.checksum)
+                    engine.copy(src, engine.Discard(pd.size), observer=hasher)
         except Error as e:
             problems.append(f"reading the chain failed: {e}")
-        finally:
-            nbdio.close(h)
         if not problems:
-            bad = algo.compare(expected, bytes(actual), pd.block_size)
+            bad = hasher.algorithm.compare(expected, bytes(hasher.sums), pd.block_size)
             if bad:
                 shown = ", ".join(str(o) for o in bad[:MAX_REPORTED])
                 problems.append(f"{len(bad)} block(s) of {pd.block_size} bytes differ from the backup, "

@@ -77,10 +77,15 @@ class Domain:
         except libvirt.libvirtError as e:
             raise LibvirtError(f"cannot read checkpoint {name!r}: {_msg(e)}") from e
 
-    def delete_checkpoint(self, name: str) -> None:
-        """Delete one checkpoint (its bitmap's changes are merged into its parent by libvirt)."""
+    def delete_checkpoint(self, name: str, metadata_only: bool = False) -> None:
+        """Delete one checkpoint (its bitmap's changes are merged into its parent by libvirt).
+
+        ``metadata_only``: libvirt forgets it and leaves the disks alone (for a checkpoint whose
+        bitmaps QEMU never stored or lost, which libvirt cannot otherwise delete).
+        """
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
         try:
-            self._checkpoint(name).delete(0)
+            self._checkpoint(name).delete(flags)
         except libvirt.libvirtError as e:
             raise LibvirtError(f"cannot delete checkpoint {name!r} of VM {self.name!r}: {_msg(e)}") from e
 

@@ -14,9 +14,12 @@ from typing import Sequence
 
 from lxml import etree
 
-TEMPLATES = pathlib.Path(__file__).resolve().parent.parent / "xml_templates"
-if not TEMPLATES.is_dir():  # installed as a wheel: the templates ship inside the package
-    TEMPLATES = pathlib.Path(__file__).resolve().parent / "xml_templates"
+# Installed from a wheel, the templates ship inside the package (libvbackup/xml_templates/, see
+# pyproject.toml); in the source tree and in an editable install they are the top-level xml_templates/.
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+TEMPLATES = _PACKAGE / "xml_templates"
+if not TEMPLATES.is_dir():
+    TEMPLATES = _PACKAGE.parent / "xml_templates"
 
 
 @dataclasses.dataclass(frozen=True)

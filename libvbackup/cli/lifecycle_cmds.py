@@ -23,12 +23,12 @@ def checkpoints(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[st
     """
     r = lifecycle.checkpoints(vm, repo=repo_path(repo), uri=uri)
     if json_out:
-        emit_json(r)
+        emit_json(r.to_dict())
         return
     typer.echo(f"{'CHECKPOINT':<36} OWNER")
-    for c in r["checkpoints"]:
-        typer.echo(f"{c['name']:<36} {c['owner']}")
-    for name in r["lost"]:
+    for c in r.checkpoints:
+        typer.echo(f"{c.name:<36} {c.owner}")
+    for name in r.lost:
         typer.echo(f"{name:<36} lost by libvirt (point of this repository)")
 
 
@@ -37,17 +37,20 @@ def status(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = 
     """Show the backup running for a VM in this repository: process, bytes done, scratch in use."""
     r = lifecycle.status(vm, repo=repo_path(repo), uri=uri)
     if json_out:
-        emit_json(r)
+        emit_json(r.to_dict())
         return
-    if not r.get("pid"):
+    if not r.running and not r.stale:
         typer.echo(f"no backup of {vm} is running")
         return
-    what = "running" if r["running"] else "dead (the next run for this VM cleans up after it)"
-    typer.echo(f"{r['mode']} backup {r['checkpoint']} of {vm}, pid {r['pid']}: {what}")
-    if r.get("bytes_total"):
-        typer.echo(f"  {human(r['bytes_done'] or 0)} of {human(r['bytes_total'])} copied")
-    if r.get("scratch_used") is not None:
-        typer.echo(f"  scratch in use: {human(r['scratch_used'])}")
+    if r.running:
+        typer.echo(f"{r.mode} backup {r.checkpoint} of {vm}: running (pid {r.pid or 'unknown'})")
+    else:
+        typer.echo(f"{r.mode} backup {r.checkpoint} of {vm}: died (the next run for this VM, or "
+                   f"'libvbackup abort {vm}', cleans up after it)")
+    if r.bytes_total:
+        typer.echo(f"  {human(r.bytes_done or 0)} of {human(r.bytes_total)} copied")
+    if r.scratch_used is not None:
+        typer.echo(f"  scratch in use: {human(r.scratch_used)}")
 
 
 def abort(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = UriOpt,
@@ -58,6 +61,8 @@ def abort(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = U
     """
     r = lifecycle.abort(vm, repo=repo_path(repo), uri=uri)
     if json_out:
-        emit_json(r)
+        emit_json(r.to_dict())
+    elif r.cleaned_up:
+        typer.echo(f"backup {r.aborted} of {vm} had died; cleaned up after it")
     else:
-        typer.echo(f"backup {r['aborted']} of {vm} aborted")
+        typer.echo(f"backup {r.aborted} of {vm} aborted")

@@ -88,26 +88,27 @@ def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclu
         progress=progress, scratch_limit=parse_size(scratch_limit) if scratch_limit else None,
     )
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
         return
-    if result.get("fallback_reason"):
-        typer.echo(f"note: {result['fallback_reason']}", err=True)
-    for name in result.get("redefined", []):
-        typer.echo(f"note: checkpoint {name} redefined in libvirt from the repository", err=True)
+    if result.fallback_reason:
+        typer.echo(f"note: {result.fallback_reason}", err=True)
+    for name in result.redefined:
+        what = "would be redefined" if dry_run else "redefined"
+        typer.echo(f"note: checkpoint {name} {what} in libvirt from the repository", err=True)
     if dry_run:
-        typer.echo(f"# plan: {result['level']} backup of {vm}, new checkpoint {result['checkpoint']}"
-                   + (f", since {result['parent']}" if result["parent"] else ""))
-        for name, d in result["disks"].items():
-            typer.echo(f"#   {name}: {d['mode']}" + (f" ({d['reason']})" if d["reason"] else ""))
+        typer.echo(f"# plan: {result.level} backup of {vm}, new checkpoint {result.checkpoint}"
+                   + (f", since {result.parent}" if result.parent else ""))
+        for name in result.redefined:
+            typer.echo(f"#   first: redefine checkpoint {name} from the repository")
+        for d in result.disks.values():
+            typer.echo(f"#   {d.name}: {d.mode}" + (f" ({d.reason})" if d.reason else ""))
         typer.echo("# <domainbackup> for virDomainBackupBegin:")
-        typer.echo(result["backup_xml"], nl=False)
+        typer.echo(result.backup_xml, nl=False)
         typer.echo("# <domaincheckpoint>:")
-        typer.echo(result["checkpoint_xml"], nl=False)
+        typer.echo(result.checkpoint_xml, nl=False)
         return
-    since = f" since {result['parent']}" if result["parent"] else ""
-    typer.echo(f"{result['level']} {mode} backup {result['checkpoint']} of {vm}{since} "
-               f"done in {result['seconds']:.1f} s")
-    for name, d in result["disks"].items():
-        note = f"  [{d['mode']}: {d['reason']}]" if d["reason"] else f"  [{d['mode']}]"
-        typer.echo(f"  {name}: {human(d['bytes_copied'])} copied, {human(d['bytes_zeroed'])} zeroed"
-                   f" -> {d['image']}{note}")
+    since = f" since {result.parent}" if result.parent else ""
+    typer.echo(f"{result.level} {mode} backup {result.checkpoint} of {vm}{since} done in {result.seconds:.1f} s")
+    for d in result.disks.values():
+        note = f"  [{d.mode}: {d.reason}]" if d.reason else f"  [{d.mode}]"
+        typer.echo(f"  {d.name}: {human(d.bytes_copied)} copied, {human(d.bytes_zeroed)} zeroed -> {d.image}{note}")

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.integration
 # be killed with the job, the checkpoint, the partial images and qemu-nbd all alive.
 CHILD = textwrap.dedent("""
     import sys, time
-    from libvbackup import backup, nbdio
-    real_copy = nbdio.copy
+    from libvbackup import backup, engine
+    real_copy = engine.copy
     def stalling_copy(src, dst, **kw):
         inner = kw.get("progress")
         def progress(n):
@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
             time.sleep(120)
         kw["progress"] = progress
         return real_copy(src, dst, **kw)
-    nbdio.copy = stalling_copy
+    engine.copy = stalling_copy
     vm, repo, chk, inc = sys.argv[1:5]
     backup.pull(vm, repo=repo, checkpoint=chk, incremental=inc or None)
 """)
@@ -79,10 +79,10 @@ def test_sigkill_mid_copy_is_cleaned_up_by_the_next_run(vm, repo, workdir):
     vm["vda"].write(15 * MiB + 3, b"after the crash")
     now = {d.target: d.snapshot() for d in vm.disks}
     r = pull(vm.name, repo=str(repo), checkpoint="c2", incremental="c1")
-    assert r["level"] == "incremental"
+    assert r.level == "incremental"
     assert vm.checkpoints() == ["c1", "c2"]  # the killed run's checkpoint is gone
     assert not vm.has_job()
-    assert sorted(x.name for x in (repo / vm.name).iterdir()) == ["c1", "c2", "manifest.json"]
+    assert sorted(x.name for x in (repo / vm.name).iterdir()) == [".lock", "c1", "c2", "manifest.json"]
     assert leftovers() == []
     assert qemu_nbd_for(repo) == []
     assert_restores(repo, vm.name, "c1", at_c1, workdir)
@@ -101,7 +101,7 @@ def test_sigterm_and_sigint_abort_and_clean_up(vm, repo, workdir, sig, code):
     assert "Interrupted" in err or "interrupted" in err
     assert not vm.has_job()
     assert vm.checkpoints() == ["c1"]
-    assert sorted(x.name for x in (repo / vm.name).iterdir()) == ["c1", "manifest.json"]
+    assert sorted(x.name for x in (repo / vm.name).iterdir()) == [".lock", "c1", "manifest.json"]
     assert leftovers() == []
     # Through the CLI the same interruption is one line and the conventional exit code.
     p = subprocess.Popen([sys.executable, "-c", CHILD.replace(
@@ -121,7 +121,7 @@ def test_sigterm_and_sigint_abort_and_clean_up(vm, repo, workdir, sig, code):
 def _assert_clean(vm, repo, points: list[str]) -> None:
     assert not vm.has_job()
     assert [p.checkpoint for p in Repository(repo).load(vm.name).points] == points
-    assert sorted(x.name for x in (repo / vm.name).iterdir()) == sorted(points + ["manifest.json"])
+    assert sorted(x.name for x in (repo / vm.name).iterdir()) == sorted(points + [".lock", "manifest.json"])
     assert leftovers() == []
     assert qemu_nbd_for(repo) == []
 

@@ -37,14 +37,14 @@ def remove_bitmap(vm, name: str) -> None:
 def test_auto_picks_full_then_inc_and_falls_back_after_the_bitmap_is_lost(vm, repo, workdir):
     vm["vda"].fill(0, MiB, 0x10)
     r1 = pull(vm.name, repo=str(repo), level="auto")
-    assert (r1["level"], r1["parent"]) == ("full", None) and "no backup" in r1["fallback_reason"]
+    assert (r1.level, r1.parent) == ("full", None) and "no backup" in r1.fallback_reason
     vm["vda"].fill(2 * MiB, MiB, 0x11)
     r2 = pull(vm.name, repo=str(repo), level="auto", checkpoint="a2")
-    assert (r2["level"], r2["parent"], r2["fallback_reason"]) == ("incremental", r1["checkpoint"], None)
+    assert (r2.level, r2.parent, r2.fallback_reason) == ("incremental", r1.checkpoint, None)
     vm["vdb"].fill(0, MiB, 0x12)
     # diff: since the newest full point, not the newest point.
     r3 = pull(vm.name, repo=str(repo), level="diff", checkpoint="d3")
-    assert (r3["level"], r3["parent"]) == ("differential", r1["checkpoint"])
+    assert (r3.level, r3.parent) == ("differential", r1.checkpoint)
     assert_restores(repo, vm.name, "d3", snap(vm), workdir)
 
     remove_bitmap(vm, "d3")
@@ -52,12 +52,12 @@ def test_auto_picks_full_then_inc_and_falls_back_after_the_bitmap_is_lost(vm, re
     res = cli("pull", vm.name, "--repo", str(repo), "--level", "inc", "--checkpoint", "x")
     assert res.returncode == 4 and "d3" in res.stderr and "full" in res.stderr, res.stderr
     r4 = pull(vm.name, repo=str(repo), level="auto", checkpoint="a4")
-    assert (r4["level"], r4["parent"]) == ("full", None)
-    assert "d3" in r4["fallback_reason"] and "bitmap" in r4["fallback_reason"]
+    assert (r4.level, r4.parent) == ("full", None)
+    assert "d3" in r4.fallback_reason and "bitmap" in r4.fallback_reason
     assert_restores(repo, vm.name, "a4", snap(vm), workdir)
     vm["vdb"].fill(3 * MiB, 4096, 0x14)
     r5 = pull(vm.name, repo=str(repo), level="inc", checkpoint="i5")
-    assert (r5["level"], r5["parent"]) == ("incremental", "a4")
+    assert (r5.level, r5.parent) == ("incremental", "a4")
     assert_restores(repo, vm.name, "i5", snap(vm), workdir)
 
 

@@ -11,6 +11,7 @@ from libvbackup.backup import pull
 from libvbackup.errors import StateError
 from libvbackup.lifecycle import checkpoints, status
 from libvbackup.repo import Repository
+from libvbackup.results import StatusResult
 
 from .helpers import MiB, assert_restores, cli, leftovers, snap
 from .test_faults import start_stalled
@@ -34,13 +35,13 @@ def test_two_repositories_back_up_one_vm_alternately(vm, workdir):
             vm["vda"].fill((i * 2 + (name == "B")) * MiB, MiB // 2 + 7, 0x30 + i)
             vm["vdb"].write(i * 4096 + 3, f"{name}{i}".encode())
             r = pull(vm.name, repo=str(repo), level="auto")
-            assert r["level"] == ("full" if i == 0 else "incremental")
-            assert r["checkpoint"].startswith(Repository(repo).checkpoint_prefix + "-")
-            expect[name][r["checkpoint"]] = snap(vm)
+            assert r.level == ("full" if i == 0 else "incremental")
+            assert r.checkpoint.startswith(Repository(repo).checkpoint_prefix + "-")
+            expect[name][r.checkpoint] = snap(vm)
     for name, repo in (("A", a), ("B", b)):
         for chk, model in expect[name].items():
             assert_restores(repo, vm.name, chk, model, workdir)
-        marks = {c["name"]: c["owner"] for c in checkpoints(vm.name, repo=str(repo))["checkpoints"]}
+        marks = {c.name: c.owner for c in checkpoints(vm.name, repo=str(repo)).checkpoints}
         other = b if name == "A" else a
         assert all(marks[c] == "point" for c in expect[name])
         assert all(marks[c] == "other-repository" for c in expect["B" if name == "A" else "A"]), marks
@@ -57,7 +58,7 @@ def test_lock_status_abort_and_orphans(vm, repo, lab):
         with pytest.raises(StateError, match=f"pid {p.pid}"):
             pull(vm.name, repo=str(repo), checkpoint="second", incremental="c1")
         s = status(vm.name, repo=str(repo))
-        assert s["running"] and s["pid"] == p.pid and s["checkpoint"] == "running" and s["job"]
+        assert s.running and s.pid == p.pid and s.checkpoint == "running" and s.job
         res = cli("status", vm.name, "--repo", str(repo))
         assert res.returncode == 0 and f"pid {p.pid}" in res.stdout, res.stdout + res.stderr
         res = cli("abort", vm.name, "--repo", str(repo))
@@ -67,8 +68,8 @@ def test_lock_status_abort_and_orphans(vm, repo, lab):
         if p.poll() is None:
             p.kill()
     assert not vm.has_job() and vm.checkpoints() == ["c1"] and leftovers() == []
-    assert status(vm.name, repo=str(repo)) == {"vm": vm.name, "running": False}
-    assert sorted(x.name for x in (repo / vm.name).iterdir()) == ["c1", "manifest.json"]
+    assert status(vm.name, repo=str(repo)) == StatusResult(vm.name, running=False)
+    assert sorted(x.name for x in (repo / vm.name).iterdir()) == [".lock", "c1", "manifest.json"]
 
     # A run killed outright leaves an orphan checkpoint, marked as such, until the next run.
     vm.dom.checkpointCreateXML("<domaincheckpoint><name>someone-else</name><disks><disk name='vda'/>"

@@ -46,7 +46,7 @@ def test_prune_keeps_the_newest_points_byte_exact(vm, repo, workdir):
     assert sorted(vm.checkpoints()) == ["d", "i3"]
     m = Repository(repo).load(vm.name)
     assert [(p.checkpoint, p.parent) for p in m.points] == [("d", None), ("i3", "d")]
-    assert sorted(x.name for x in (repo / vm.name).iterdir()) == ["d", "i3", "manifest.json"]
+    assert sorted(x.name for x in (repo / vm.name).iterdir()) == [".lock", "d", "i3", "manifest.json"]
     for name in ("d", "i3"):
         assert_restores(repo, vm.name, name, models[name], workdir)
     assert verify(vm.name, repo=str(repo))["ok"]

@@ -34,30 +34,30 @@ def test_full_incremental_differential_restore_byte_exact(vm, repo, workdir):
     for d in vm.disks:
         random_writes(d, rng)
     r = pull(vm.name, repo=str(repo), checkpoint="full1")
-    assert r["level"] == "full" and r["parent"] is None
-    assert r["disks"]["vdc"]["mode"] == "full"
+    assert r.level == "full" and r.parent is None
+    assert r.disks["vdc"].mode == "full"
     models["full1"] = snap(vm)
 
     for d in vm.disks:
         random_writes(d, rng, n=6)
     r = pull(vm.name, repo=str(repo), checkpoint="inc1", incremental="full1")
-    assert (r["level"], r["parent"]) == ("incremental", "full1")
-    assert r["disks"]["vda"]["mode"] == "incremental"
-    assert r["disks"]["vdc"]["mode"] == "full" and "raw" in r["disks"]["vdc"]["reason"]
+    assert (r.level, r.parent) == ("incremental", "full1")
+    assert r.disks["vda"].mode == "incremental"
+    assert r.disks["vdc"].mode == "full" and "raw" in r.disks["vdc"].reason
     # Only what changed was read: far less than the whole disk.
-    assert 0 < r["disks"]["vda"]["bytes_copied"] < vm["vda"].size // 2
+    assert 0 < r.disks["vda"].bytes_copied < vm["vda"].size // 2
     models["inc1"] = snap(vm)
 
     for d in vm.disks:
         random_writes(d, rng, n=6)
     r = pull(vm.name, repo=str(repo), checkpoint="inc2", incremental="inc1")
-    assert (r["level"], r["parent"]) == ("incremental", "inc1")
+    assert (r.level, r.parent) == ("incremental", "inc1")
     models["inc2"] = snap(vm)
 
     for d in vm.disks:
         random_writes(d, rng, n=6)
     r = pull(vm.name, repo=str(repo), checkpoint="diff1", incremental="full1")
-    assert (r["level"], r["parent"]) == ("differential", "full1")
+    assert (r.level, r.parent) == ("differential", "full1")
     models["diff1"] = snap(vm)
 
     m = Repository(repo).load(vm.name)
@@ -83,7 +83,7 @@ def test_full_incremental_differential_restore_byte_exact(vm, repo, workdir):
     assert not vm.has_job()
     assert leftovers() == []
     assert not (repo / vm.name / ".run.json").exists()
-    assert sorted(p.name for p in (repo / vm.name).iterdir()) == ["diff1", "full1", "inc1", "inc2", "manifest.json"]
+    assert sorted(p.name for p in (repo / vm.name).iterdir()) == [".lock", "diff1", "full1", "inc1", "inc2", "manifest.json"]
 
 
 def test_dirty_range_zeroed_since_parent_restores_as_zero(vm, repo, workdir):
@@ -94,7 +94,7 @@ def test_dirty_range_zeroed_since_parent_restores_as_zero(vm, repo, workdir):
     vda.zero(MiB, 2 * MiB, unmap=True)  # becomes zero clusters: reads as a zero extent
     vda.zero(8 * MiB + 100, 64 * KiB, unmap=False)  # unaligned, written as zeroes
     r = pull(vm.name, repo=str(repo), checkpoint="c2", incremental="c1", disks=["vda"])
-    assert r["disks"]["vda"]["bytes_zeroed"] >= 2 * MiB, r
+    assert r.disks["vda"].bytes_zeroed >= 2 * MiB, r
     assert_restores(repo, vm.name, "c2", {"vda": vda.snapshot()}, workdir)
 
 

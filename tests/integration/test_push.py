@@ -35,7 +35,7 @@ def test_push_full_and_incremental_restore_byte_exact(vm, repo, workdir):
     for d in vm.disks:
         random_writes(d, rng)
     r = push(vm.name, repo=str(repo), checkpoint="p1")
-    assert (r["mode"], r["level"]) == ("push", "full")
+    assert (r.mode, r.level) == ("push", "full")
     m1 = snap(vm)
     for d in vm.disks:
         random_writes(d, rng, n=6)
@@ -66,7 +66,7 @@ def test_pull_and_push_points_mix_in_one_chain(vm, repo, workdir):
             random_writes(d, rng, n=4)
         fn = pull if mode == "pull" else push
         r = fn(vm.name, repo=str(repo), checkpoint=name, incremental=parent)
-        assert r["mode"] == mode and r["parent"] == parent
+        assert r.mode == mode and r.parent == parent
         models[name] = snap(vm)
     m = Repository(repo).load(vm.name)
     assert [p.mode for p in m.points] == [s[0] for s in steps]
@@ -112,10 +112,10 @@ def _cancelled_push(vm, repo, workdir):
     else:
         pytest.fail("the push was never cancelled")
     assert [p.checkpoint for p in Repository(repo).load(vm.name).points] == points
-    assert sorted(x.name for x in (repo / vm.name).iterdir()) == sorted(["manifest.json", *points])
+    assert sorted(x.name for x in (repo / vm.name).iterdir()) == sorted([".lock", "manifest.json", *points])
     assert vm.checkpoints() == points and not vm.has_job() and leftovers() == []
     r = push(vm.name, repo=str(repo), checkpoint="p3", incremental=points[-1])
-    assert r["level"] == "incremental"
+    assert r.level == "incremental"
     assert_restores(repo, vm.name, "p3", snap(vm), workdir)
 
 

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from libvbackup import checksum, extents, nbdio, target
+from libvbackup import checksum, engine, extents, nbdio, target
 
 KiB = 1024
 MiB = 1 << 20
@@ -66,15 +66,15 @@ def test_full_copy_equals_the_source_with_true_digests(tmp_path, fmt):
     size = 7 * MiB + 3 * 512
     src_path = tmp_path / "src.qcow2"
     make_source(src_path, size, random.Random(fmt))
-    src = nbdio.open_image(str(src_path), readonly=True)
+    src = nbdio.image(str(src_path))
     out = tmp_path / f"out.{fmt}"
     dst = target.open_target(str(out), size, fmt)
     hasher = checksum.BlockHasher(size, block=256 * KiB)
     try:
-        stats = nbdio.copy(src, dst, hasher=hasher, max_request=64 * KiB, max_inflight=4, writers=3)
+        stats = engine.copy(src, dst, observer=hasher, max_request=64 * KiB, max_inflight=4, writers=3)
     finally:
         dst.close()
-        nbdio.close(src)
+        src.close()
     expected = read_raw(src_path, "qcow2", tmp_path)
     assert read_raw(out, fmt, tmp_path) == expected
     if fmt == "qcow2":
@@ -87,7 +87,7 @@ def test_full_copy_equals_the_source_with_true_digests(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("max_request,block", [(64 * KiB, 256 * KiB), (MiB, 256 * KiB), (MiB, checksum.BLOCK)])
-def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch, max_request, block):
+def test_incremental_copy_over_a_backing_image(tmp_path, max_request, block):
     """Only 'dirty' ranges are written (some now zero, some partly covering a 64 KiB cluster);
     the result read through its backing file equals the source everywhere. With checksum
     blocks of the image's cluster size nothing is read back: whole clusters are copied."""
@@ -105,20 +105,18 @@ def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch, max_reques
         cmds.append(f"write -z {off} {n}" if i % 2 else f"write -P {i + 40} {off} {n}")
     qemu_io(new, "qcow2", *cmds)
     # The overlay plays the export; its dirty bitmap is the list above.
-    src = nbdio.open_image(str(new), readonly=True)
-    real_read_extents = nbdio.read_extents
+    class WithDirty(nbdio.Source):
+        def extents(self, start, end):
+            out = []
+            for e in super().extents(start, end):
+                cuts = sorted({e.start, e.end, *(p for o, n in dirty for p in (o, o + n) if e.start < p < e.end)})
+                for a, b in zip(cuts, cuts[1:]):
+                    is_dirty = any(o <= a < o + n for o, n in dirty)
+                    out.append(extents.Extent(a, b - a, e.zero, is_dirty))
+            return out
 
-    def with_dirty(h, start, end, bitmap):
-        exts = real_read_extents(h, start, end, None)
-        out = []
-        for e in exts:
-            cuts = sorted({e.start, e.end, *(p for o, n in dirty for p in (o, o + n) if e.start < p < e.end)})
-            for a, b in zip(cuts, cuts[1:]):
-                is_dirty = any(o <= a < o + n for o, n in dirty)
-                out.append(extents.Extent(a, b - a, e.zero, is_dirty))
-        return out
-
-    monkeypatch.setattr(nbdio, "read_extents", with_dirty)
+    plain = nbdio.image(str(new))
+    src = WithDirty(plain.handles, plain.name)
     top = tmp_path / "top.qcow2"
     dst = target.Qcow2Target(str(top), size, backing="old.qcow2")
     parent = checksum.BlockHasher(size, block=block)
@@ -127,10 +125,10 @@ def test_incremental_copy_over_a_backing_image(tmp_path, monkeypatch, max_reques
         parent.set_block(off, old_bytes[off:off + block])
     hasher = checksum.BlockHasher(size, parent_sums=bytes(parent.sums), block=block)
     try:
-        nbdio.copy(src, dst, bitmap="fake", hasher=hasher, max_request=max_request)
+        engine.copy(src, dst, observer=hasher, max_request=max_request)
     finally:
         dst.close()
-        nbdio.close(src)
+        src.close()
     expected = read_raw(new, "qcow2", tmp_path)
     assert read_raw(top, "qcow2", tmp_path) == expected
     subprocess.run(["qemu-img", "check", "-q", str(top)], check=True)
@@ -146,7 +144,7 @@ def test_a_failing_target_stops_the_copy_with_one_error(tmp_path):
     src_path = tmp_path / "src.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src_path), str(size)], check=True)
     qemu_io(src_path, "qcow2", f"write -P 1 0 {size}")
-    src = nbdio.open_image(str(src_path), readonly=True)
+    src = nbdio.image(str(src_path))
     dst = target.open_target(str(tmp_path / "out.qcow2"), size)
 
     def broken(data, offset):
@@ -155,7 +153,7 @@ def test_a_failing_target_stops_the_copy_with_one_error(tmp_path):
     dst.pwrite = broken
     try:
         with pytest.raises(nbdio.CopyError, match="No space left"):
-            nbdio.copy(src, dst)
+            engine.copy(src, dst)
     finally:
         dst.close()
-        nbdio.close(src)
+        src.close()

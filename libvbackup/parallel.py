@@ -1,0 +1,69 @@
+"""Several copies at once, one thread each, with progress and a watchdog; the first failure
+stops the others."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+from . import engine
+from .progress import Progress
+
+WATCH_INTERVAL = 0.5
+STUCK_WAIT = 10.0  # an interrupted run waits this long for its copy threads, then cleans up
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    name: str
+    source: object  # nbdio.Source
+    target: object  # target.Target (or engine.Discard)
+    observer: object | None = None
+
+
+def copy_all(jobs: list[Job], progress_mode: str = "none", watch: Callable[[], None] = lambda: None,
+             sink: Callable[[dict], None] | None = None) -> dict[str, engine.CopyStats]:
+    """Copy every job at once; ``watch`` is called every WATCH_INTERVAL and may raise to stop.
+
+    Daemon threads with a bounded join: an interrupted run must clean up and exit even when
+    a copy thread is stuck (a hung NBD server), instead of waiting for it forever.
+    """
+    stop = threading.Event()
+    prog = Progress(progress_mode, sink=sink)
+    results: dict[str, engine.CopyStats] = {}
+    errors: list[BaseException] = []
+
+    def one(job: Job) -> None:
+        try:
+            results[job.name] = engine.copy(job.source, job.target, observer=job.observer,
+                                            progress=prog.callback(job.name), should_stop=stop.is_set)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            if not stop.is_set():
+                errors.append(e)
+            stop.set()
+
+    for job in jobs:
+        prog.add(job.name, engine.planned_bytes(job.source, job.target))
+    threads = [threading.Thread(target=one, args=(job,), name=f"copy-{job.name}", daemon=True) for job in jobs]
+    with prog:
+        for t in threads:
+            t.start()
+        try:
+            last = time.monotonic()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.1)
+                    if time.monotonic() - last >= WATCH_INTERVAL:
+                        last = time.monotonic()
+                        watch()
+        except BaseException:
+            stop.set()
+            deadline = time.monotonic() + STUCK_WAIT
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            raise
+    if errors:
+        raise errors[0]
+    return results

@@ -1,0 +1,39 @@
+"""Pull transport: libvirt exports each disk's point in time over NBD, the engine copies it.
+
+backupBegin (pull mode) creates the job and the checkpoint; each disk's export is read through
+``nbdio.export`` (for an incremental, with the dirty bitmap libvirt names in the job's XML) and
+written by ``target.Qcow2Target`` into ``<chk>.partial/<disk>.qcow2`` with the block hasher
+watching; every disk is copied at once. The job is ended once every image is complete and
+flushed (a pull job lasts until it is aborted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from . import nbdio, parallel, scratch, target as tgt, xmlgen
+from .errors import StateError
+from .transport import DiskResult, RunContext
+
+
+def run(ctx: RunContext) -> list[DiskResult]:
+    plan, docs, dom = ctx.plan, ctx.docs, ctx.dom
+    dom.backup_begin(docs.backup_xml, docs.checkpoint_xml)
+    bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
+    ctx.job_started()
+    jobs = []
+    with contextlib.ExitStack() as opened:
+        for d in plan.disks:
+            bitmap = None if d.full else bitmaps.get(d.name)
+            if not d.full and bitmap is None:
+                raise StateError(f"libvirt exported disk {d.name} without a dirty bitmap")
+            src = opened.enter_context(nbdio.export(docs.socket, d.name, bitmap))
+            dst = opened.enter_context(contextlib.closing(
+                tgt.Qcow2Target(str(ctx.image(d.name)), src.size, backing=ctx.backing(d))))
+            jobs.append(parallel.Job(d.name, src, dst, ctx.hasher(d, src.size)))
+        watch = scratch.watch(dom, docs.run_dir, ctx.scratch_limit)
+        watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
+        stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink)
+    dom.abort_job()
+    return [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed, j.observer)
+            for j in jobs]

@@ -1,0 +1,92 @@
+"""What operations return: frozen dataclasses, turned into the JSON documents of ``--json``
+by ``to_dict`` (the CLI reads attributes, never string keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Result:
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupDisk(Result):
+    name: str
+    mode: str  # full | incremental
+    reason: str | None  # why a disk is copied in full inside an incremental backup
+    bitmap: bool
+    image: str | None = None  # absolute path, once written
+    backing: str | None = None
+    size: int | None = None
+    bytes_copied: int = 0
+    bytes_zeroed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupResult(Result):
+    vm: str
+    checkpoint: str
+    parent: str | None
+    level: str  # full | incremental | differential
+    mode: str  # pull | push
+    requested_level: str
+    fallback_reason: str | None
+    redefined: tuple[str, ...]  # checkpoints given back to libvirt (dry run: that would be)
+    disks: dict[str, BackupDisk]
+    seconds: float | None = None
+    dry_run: bool = False
+    backup_xml: str | None = None
+    checkpoint_xml: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo(Result):
+    name: str
+    owner: str  # point | orphan | other-repository | foreign
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointsResult(Result):
+    vm: str
+    repo: str
+    checkpoints: tuple[CheckpointInfo, ...]
+    lost: tuple[str, ...]  # points whose checkpoint libvirt no longer has
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusResult(Result):
+    vm: str
+    running: bool  # a run holds the VM's lock (proven by the kernel, not by a pid file)
+    stale: bool = False  # a journal is left by a run that died: the next run cleans up
+    pid: int | None = None  # the lock's holder (running), or the dead run's (stale)
+    mode: str | None = None
+    checkpoint: str | None = None
+    started: str | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    disks: dict | None = None
+    scratch_used: int | None = None
+    job: bool | None = None
+    libvirt_error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortResult(Result):
+    vm: str
+    aborted: str | None  # the checkpoint of the run
+    pid: int | None
+    cleaned_up: bool  # True: the run was dead and this call cleaned up after it
