@@ -144,7 +144,11 @@ def _running_job_error(dom, repository: Repository) -> StateError:
     ours = checkpoints.running_backup(dom)
     if ours is not None:
         chk, repo = ours
-        where = "this repository" if repo == str(repository.root) else f"repository {repo or 'unknown'}"
+        if repo == str(repository.root):
+            holder = repository.lock_holder(vm)
+            where = "this repository" + (f", pid {holder}" if holder and holder > 0 else "")
+        else:
+            where = f"repository {repo or 'unknown'}"
         return StateError(f"VM {vm!r} is being backed up by another libvbackup run for {where} "
                           f"(checkpoint {chk})",
                           "wait for it to finish, or see: libvbackup status " + vm

@@ -112,9 +112,6 @@ def owner(name: str, desc: str, points: set[str], repository_root: str, prefix: 
     return "foreign"
 
 
-_RUN_DIR = re.compile(r"/libvbackup-(?P<vm>[^/]+?)-(?P<chk>[A-Za-z0-9_][A-Za-z0-9_.-]*)/")
-
-
 def running_backup(dom) -> tuple[str, str | None] | None:
     """Whose is the backup job running on ``dom``: (checkpoint, repository) when it is a
     libvbackup run (its files live in ``libvbackup-<vm>-<checkpoint>/`` and the checkpoint's
@@ -123,9 +120,8 @@ def running_backup(dom) -> tuple[str, str | None] | None:
         xml = dom.backup_xml()
     except Error:
         return None
-    for m in _RUN_DIR.finditer(xml):
-        if m.group("vm") != dom.name:
-            continue
+    run_dir = re.compile(f"/libvbackup-{re.escape(dom.name)}-" + r"(?P<chk>[A-Za-z0-9_][A-Za-z0-9_.-]*)/")
+    for m in run_dir.finditer(xml):
         chk = m.group("chk")
         try:
             return chk, repository_of(description_of(dom.checkpoint_xml(chk)))

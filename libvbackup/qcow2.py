@@ -10,19 +10,30 @@ check`` finds nothing to say about it.
 File layout, in the order it is written::
 
     cluster 0           header, backing-format extension, backing file name (written last)
-    data, L2, data ...  data clusters as they are placed; each L2 table once its 512 MiB of
-                        guest space is behind the writer
+    data, L2, data ...  data clusters as they are placed; each L2 table after the data of the
+                        call that completes or passes its 512 MiB of guest space
     L1 table, refcount blocks, refcount table      (``finish``)
 
 Every cluster of the file is used exactly once, so every refcount is 1 and L1/L2 entries
 carry the COPIED flag. A cluster that must read as zeroes (hiding the backing file) is an
 unallocated L2 entry with the zero flag.
+
+Memory does not grow with the image: at most one L2 table is open, the metadata of a call
+(L2 tables, and ``finish``'s L1 table and refcounts) comes as an iterator of writes of at
+most ``CHUNK`` bytes, made as it is consumed; only the L1 table is kept (8 bytes per 512 MiB).
+
+Sizes: qcow2 stores the virtual size in bytes but QEMU cuts it down to a multiple of 512 on
+open, so ``Layout`` refuses other sizes. QEMU never exports one (7.2: ``qemu-img info``,
+qemu-nbd of a 1000001-byte raw file and ``qemu-img create -f qcow2 x 1000001`` all say 1000448).
 """
 
 from __future__ import annotations
 
+import functools
 import struct
-from typing import Iterator
+import sys
+from array import array
+from typing import Iterable, Iterator
 
 MAGIC = b"QFI\xfb"
 VERSION = 3
@@ -33,16 +44,67 @@ HEADER_LENGTH = 112  # QEMU's own v3 header (includes the compression type byte,
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
 MAX_BACKING_NAME = 1023  # QEMU refuses longer backing file names
+SECTOR = 512  # QEMU's unit of virtual size
 
 COPIED = 1 << 63
 ZERO = 1  # L2 entry flag (v3): the cluster reads as zeroes
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
-Write = tuple[int, bytes]  # (file offset, bytes) the caller must write
+L2_BITS = CLUSTER_BITS - 3
+L2_ENTRIES = 1 << L2_BITS  # entries of one L2 table
+L2_SPAN = CLUSTER * L2_ENTRIES  # guest bytes one L2 table maps (512 MiB)
+REFCOUNTS_PER_BLOCK = CLUSTER * 8 >> REFCOUNT_ORDER
+MAX_L1_ENTRIES = (32 << 20) // 8  # QEMU refuses a larger L1 table (QCOW_MAX_L1_SIZE): 2 PiB
+CHUNK = 4 << 20  # the most bytes in one write of ``finish``
+
+Write = tuple[int, bytes]  # (file offset, bytes-like) the caller must write
+
+_ZERO_ENTRIES = struct.pack(">Q", ZERO) * L2_ENTRIES  # a table of zero entries
+_SWAP = sys.byteorder == "little"
 
 
 def _pad(data: bytes, to: int = CLUSTER) -> bytes:
     return data + bytes(-len(data) % to)
+
+
+_LANES = struct.pack(">Q", 1) * L2_ENTRIES  # a table's lanes, each 1
+_STEPS = struct.pack(f">{L2_ENTRIES}Q", *range(0, L2_SPAN, CLUSTER))  # lanes 0, C, 2C, ...
+
+
+@functools.lru_cache(maxsize=16)
+def _ramp(n: int) -> tuple[int, int]:
+    """n big-endian 64-bit lanes as integers: (every lane 1, lanes 0, C, 2C, ...)."""
+    return int.from_bytes(_LANES[:8 * n], "big"), int.from_bytes(_STEPS[:8 * n], "big")
+
+
+def _offsets(base: int, n: int) -> bytes:
+    """n big-endian entries base, base + C, base + 2C, ... (n <= L2_ENTRIES).
+
+    One integer multiply-add instead of n Python integers (a lane never carries into the next:
+    entries are below 2**64); a whole table takes about a quarter of ``struct.pack``'s time.
+    """
+    ones, steps = _ramp(n)
+    return (base * ones + steps).to_bytes(8 * n, "big")
+
+
+def _tables(offset: int, parts: list) -> Iterator[Write]:
+    """The L2 tables ``parts`` describes, written from ``offset`` on, made one at a time."""
+    for count, what in parts:
+        if isinstance(what, bytearray):  # a table filled piece by piece
+            yield offset, what
+            offset += CLUSTER
+        elif what is None:  # tables of zero entries
+            for _ in range(count):
+                yield offset, _ZERO_ENTRIES
+                offset += CLUSTER
+        else:  # tables mapping consecutive data clusters from host offset ``what``
+            ones, steps = _ramp(L2_ENTRIES)
+            x = (what | COPIED) * ones + steps
+            step = L2_SPAN * ones
+            for _ in range(count):
+                yield offset, x.to_bytes(CLUSTER, "big")
+                x += step
+                offset += CLUSTER
 
 
 class Layout:
@@ -50,24 +112,33 @@ class Layout:
 
     ``place`` and ``zero`` must come in increasing guest order (a copy plan's order), with
     cluster-aligned starts; ``place`` returns the file offset of a contiguous run of clusters
-    for the data. Both return metadata writes (finished L2 tables) to perform as well.
+    for the data. Both return metadata writes (finished L2 tables) to perform as well: an
+    iterable, made lazily; the layout's own state is up to date when the call returns.
     """
 
     def __init__(self, size: int, backing: str | None = None, backing_format: str = "qcow2"):
         if size <= 0:
             raise ValueError("the image size must be positive")
+        if size % SECTOR:
+            raise ValueError(f"a qcow2 image cannot have a size of {size} bytes, not a multiple "
+                             f"of {SECTOR}: QEMU would cut it to {size - size % SECTOR}")
         if backing is not None and len(backing.encode()) > MAX_BACKING_NAME:
             raise ValueError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
         self.size = size
         self.backing = backing
         self.backing_format = backing_format
-        self.l2_entries = CLUSTER // 8
-        self.l2_span = CLUSTER * self.l2_entries  # guest bytes one L2 table maps (512 MiB)
-        self.l1_size = (size + self.l2_span - 1) // self.l2_span
-        self.l1 = [0] * self.l1_size
+        self.l2_entries = L2_ENTRIES
+        self.l2_span = L2_SPAN
+        self.l1_size = (size + L2_SPAN - 1) // L2_SPAN
+        if self.l1_size > MAX_L1_ENTRIES:
+            raise ValueError(f"a qcow2 image with {CLUSTER >> 10} KiB clusters cannot hold {size} "
+                             f"bytes (at most {MAX_L1_ENTRIES * L2_SPAN})")
+        self.l1 = array("Q", bytes(8 * self.l1_size))  # host offset | COPIED of each L2 table
         self.next_host = CLUSTER  # cluster 0 is the header
-        self._tables: dict[int, bytearray] = {}  # L2 tables still open, by L1 index
+        self._open: bytearray | None = None  # the one L2 table partly filled, if any
+        self._open_index = -1  # its L1 index
         self._guest_pos = 0
+        self.l1_offset = self.refcount_offset = self.refcount_table_offset = 0  # set by finish
         self.data_clusters = 0
         self.zero_clusters = 0
 
@@ -78,87 +149,119 @@ class Layout:
             raise ValueError(f"bad range [{start}, {start + length}) after {self._guest_pos}")
         self._guest_pos = start + length
 
-    def _table(self, index: int) -> bytearray:
-        t = self._tables.get(index)
-        if t is None:
-            t = self._tables[index] = bytearray(CLUSTER)
-        return t
-
-    def _close_tables(self, below: int) -> list[Write]:
-        """Write out the L2 tables of guest space entirely below ``below``."""
-        out = []
-        for index in sorted(i for i in self._tables if (i + 1) * self.l2_span <= below):
-            out.append((self.next_host, bytes(self._tables.pop(index))))
-            self.l1[index] = self.next_host | COPIED
-            self.next_host += CLUSTER
-        return out
-
-    def _entries(self, start: int, length: int) -> Iterator[tuple[bytearray, int, int]]:
-        """(table, first entry, entry count) pieces of [start, start+length)."""
-        first = start // CLUSTER
-        last = (start + length + CLUSTER - 1) // CLUSTER
-        while first < last:
-            index = first // self.l2_entries
-            n = min(last, (index + 1) * self.l2_entries) - first
-            yield self._table(index), first % self.l2_entries, n
-            first += n
-
-    def place(self, start: int, length: int) -> tuple[int, list[Write]]:
-        """File offset for guest data [start, start+length), and metadata to write first."""
-        writes = self._close_tables(start)
-        self._check(start, length)
-        host = self.next_host
-        h = host
-        for table, i, n in self._entries(start, length):
-            table[i * 8:(i + n) * 8] = struct.pack(f">{n}Q", *range(h | COPIED, (h + n * CLUSTER) | COPIED, CLUSTER))
-            h += n * CLUSTER
-            self.data_clusters += n
+    def _fill(self, first: int, last: int, host: int | None) -> Iterable[Write]:
+        """Map guest clusters [first, last) to data from ``host`` on (None: zero entries).
+        The L2 tables this completes go at ``next_host``; the one it leaves partial stays open."""
+        parts: list = []  # (L1 index, table count, bytearray | host of the first entry | None)
+        t = self._open
+        if t is not None and self._open_index < first >> L2_BITS:  # its guest space is behind
+            parts.append((self._open_index, 1, t))
+            t = self._open = None
+        c = first
+        while c < last:
+            index = c >> L2_BITS
+            i = c & (L2_ENTRIES - 1)
+            n = min(last, (index + 1) << L2_BITS) - c
+            if n == L2_ENTRIES:  # whole tables: made when written
+                n = (last - c) >> L2_BITS << L2_BITS
+                parts.append((index, n >> L2_BITS, host))
+            else:
+                if t is None:
+                    t = self._open = bytearray(CLUSTER)
+                    self._open_index = index
+                t[8 * i:8 * (i + n)] = (_offsets(host | COPIED, n) if host is not None
+                                        else _ZERO_ENTRIES[:8 * n])
+                if i + n == L2_ENTRIES:
+                    parts.append((index, 1, t))
+                    t = self._open = None
+            c += n
+            if host is not None:
+                host += n << CLUSTER_BITS
+        if not parts:
+            return ()
+        offset = h = self.next_host
+        for index, count, _ in parts:
+            self.l1[index:index + count] = array("Q", range(h | COPIED, (h + count * CLUSTER) | COPIED, CLUSTER))
+            h += count * CLUSTER
         self.next_host = h
-        return host, writes
+        return _tables(offset, [(count, what) for _, count, what in parts])
 
-    def zero(self, start: int, length: int) -> list[Write]:
+    def place(self, start: int, length: int) -> tuple[int, Iterable[Write]]:
+        """File offset for guest data [start, start+length), and metadata to write."""
+        self._check(start, length)
+        first = start >> CLUSTER_BITS
+        last = (start + length + CLUSTER - 1) >> CLUSTER_BITS
+        host = self.next_host
+        self.next_host = host + ((last - first) << CLUSTER_BITS)
+        self.data_clusters += last - first
+        return host, self._fill(first, last, host)
+
+    def zero(self, start: int, length: int) -> Iterable[Write]:
         """Guest [start, start+length) reads as zeroes, whatever the backing file holds."""
-        writes = self._close_tables(start)
         if (start + length) % CLUSTER and start + length != self.size:
             raise ValueError("a zero range must end on a cluster boundary or at the end of the disk")
         self._check(start, length)
-        entry = struct.pack(">Q", ZERO)
-        for table, i, n in self._entries(start, length):
-            table[i * 8:(i + n) * 8] = entry * n
-            self.zero_clusters += n
-        return writes
+        first = start >> CLUSTER_BITS
+        last = (start + length + CLUSTER - 1) >> CLUSTER_BITS
+        self.zero_clusters += last - first
+        return self._fill(first, last, None)
 
     # -- finishing ---------------------------------------------------------------------------
 
-    def finish(self) -> list[Write]:
-        """The remaining metadata, ending with the header (to be written last)."""
-        writes = self._close_tables(self.l1_size * self.l2_span)
+    def finish(self) -> Iterator[Write]:
+        """The remaining metadata, ending with the header (to be written last), as writes of
+        at most ``CHUNK`` bytes made as they are consumed. Nothing can be placed afterwards."""
+        self._guest_pos = self.size  # any further place or zero is refused
+        l2 = None
+        if self._open is not None:
+            l2 = (self.next_host, self._open)
+            self.l1[self._open_index] = self.next_host | COPIED
+            self._open = None
+            self.next_host += CLUSTER
         l1_offset = self.next_host
-        l1_bytes = _pad(struct.pack(f">{self.l1_size}Q", *self.l1))
-        writes.append((l1_offset, l1_bytes))
-        self.next_host += len(l1_bytes)
+        self.next_host += -(-8 * self.l1_size // CLUSTER) * CLUSTER
         # Refcount blocks cover every cluster of the file, themselves and the table included.
-        per_block = CLUSTER * 8 >> REFCOUNT_ORDER
         start = self.next_host // CLUSTER
         blocks = table_clusters = 0
         while True:
             total = start + blocks + table_clusters
-            need_blocks = (total + per_block - 1) // per_block
-            need_table = (need_blocks * 8 + CLUSTER - 1) // CLUSTER
+            need_blocks = -(-total // REFCOUNTS_PER_BLOCK)
+            need_table = -(-need_blocks * 8 // CLUSTER)
             if (need_blocks, need_table) == (blocks, table_clusters):
                 break
             blocks, table_clusters = need_blocks, need_table
-        total = start + blocks + table_clusters
         rb_offset = self.next_host
-        refcounts = bytearray(blocks * CLUSTER)
-        refcounts[:total * 2] = b"\x00\x01" * total
-        writes.append((rb_offset, bytes(refcounts)))
         rt_offset = rb_offset + blocks * CLUSTER
-        table = struct.pack(f">{blocks}Q", *range(rb_offset, rt_offset, CLUSTER))
-        writes.append((rt_offset, _pad(table)))
         self.next_host = rt_offset + table_clusters * CLUSTER
-        writes.append((0, self.header(l1_offset, rt_offset, table_clusters)))
-        return writes
+        self.l1_offset, self.refcount_offset, self.refcount_table_offset = l1_offset, rb_offset, rt_offset
+        return self._finish(l2, l1_offset, rb_offset, blocks, rt_offset, table_clusters)
+
+    def _finish(self, l2: Write | None, l1_offset: int, rb_offset: int, blocks: int,
+                rt_offset: int, table_clusters: int) -> Iterator[Write]:
+        if l2 is not None:
+            yield l2
+        per = CHUNK // 8
+        for k in range(0, self.l1_size, per):
+            part = self.l1[k:k + per]
+            if _SWAP:
+                part.byteswap()  # to big-endian
+            data = part.tobytes()
+            yield l1_offset + 8 * k, _pad(data) if k + per >= self.l1_size else data
+        full, rest = divmod(self.next_host // CLUSTER, REFCOUNTS_PER_BLOCK)  # every cluster: 1
+        per = CHUNK // CLUSTER
+        chunk = b"\x00\x01" * (REFCOUNTS_PER_BLOCK * min(full, per))  # the same chunk again
+        offset = rb_offset
+        while full:
+            n = min(full, per)
+            yield offset, chunk if n * CLUSTER == len(chunk) else chunk[:n * CLUSTER]
+            offset += n * CLUSTER
+            full -= n
+        if rest:
+            yield offset, _pad(b"\x00\x01" * rest)
+        for k in range(0, blocks, L2_ENTRIES):
+            n = min(L2_ENTRIES, blocks - k)
+            yield rt_offset + 8 * k, _pad(_offsets(rb_offset + k * CLUSTER, n))
+        yield 0, self.header(l1_offset, rt_offset, table_clusters)
 
     def header(self, l1_offset: int, rt_offset: int, rt_clusters: int) -> bytes:
         ext = b""

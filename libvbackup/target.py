@@ -22,6 +22,7 @@ import ctypes
 import os
 import threading
 import time
+from typing import Iterable
 
 from . import qcow2
 from .errors import CopyError
@@ -118,8 +119,8 @@ class Target:
             raise CopyError(f"writing image {self.path} at offset {offset} failed: {_strerror(e)}") from e
         self._written += len(data)
 
-    def _meta(self, writes: list[qcow2.Write]) -> None:
-        for offset, data in writes:
+    def _meta(self, writes: Iterable[qcow2.Write]) -> None:
+        for offset, data in writes:  # made as they are consumed: one chunk in memory at a time
             self.pwrite(data, offset)
 
     def finish(self) -> None:
@@ -163,8 +164,15 @@ class Qcow2Target(Target):
     granularity = qcow2.CLUSTER
 
     def __init__(self, path: str, size: int, backing: str | None = None, backing_format: str = "qcow2"):
+        try:  # before the file exists
+            self.layout = qcow2.Layout(size, backing, backing_format)
+        except ValueError as e:
+            hint = None
+            if size % qcow2.SECTOR:
+                # QEMU rounds every size it exports up to 512 bytes: not a QEMU NBD server.
+                hint = "QEMU never exports such a size; a raw image can hold it"
+            raise CopyError(f"cannot write qcow2 image {path}: {e}", hint) from e
         super().__init__(path, size)
-        self.layout = qcow2.Layout(size, backing, backing_format)
         self.reads_as_zero = backing is None
 
     def place(self, start: int, length: int) -> int:
