@@ -227,8 +227,19 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
                 log.error("clean-up after the failed backup was incomplete: %s", ce)
         if pending and not isinstance(e, Interrupted):
             raise Interrupted(pending[0]) from e
+        if isinstance(e, Error) and not isinstance(e, Interrupted) and not _still_running(dom):
+            raise StateError(f"VM {vm!r} stopped during the backup (QEMU exited); the backup was "
+                             "abandoned and cleaned up",
+                             "start the VM again and take a full backup (--level auto does)") from e
         raise
     return _result(repository, planned, req, point)
+
+
+def _still_running(dom) -> bool:
+    try:
+        return dom.is_running()
+    except Error:
+        return True  # cannot tell: report the original error
 
 
 def _point(repository: Repository, dom, planned: Planned, req: Request, record: RunRecord,
