@@ -97,6 +97,7 @@ class _Item:
     ba: bytearray
     mv: memoryview
     nbuf: object
+    conn: int = 0  # the connection it was read on
     error: BaseException | None = None
 
 
@@ -156,12 +157,11 @@ def copy(
         t.start()
     # One set of buffers for both passes; re-reads need a whole observer block.
     buffers = _Buffers(max(max_request, observer.block if observer is not None else 0))
-    inflight = max_inflight * len(src.handles)
     try:
-        _run(src, wake, ops, target, observer, stats, progress, inflight, should_stop, work, finished, buffers)
+        _run(src, wake, ops, target, observer, stats, progress, max_inflight, should_stop, work, finished, buffers)
         if observer is not None:
             rereads = (extents.Op("hash", o, n) for o, n in observer.finish())
-            _run(src, wake, rereads, target, observer, stats, None, inflight, should_stop, work, finished,
+            _run(src, wake, rereads, target, observer, stats, None, max_inflight, should_stop, work, finished,
                  buffers)
     finally:
         for _ in threads:
@@ -185,7 +185,10 @@ def _with_rereads(ops: Iterator[extents.Op], observer: Observer) -> Iterator[ext
 
 def _run(src: Source, wake: int, ops, target, observer, stats, progress, max_inflight, should_stop,
          work, finished, buffers: _Buffers) -> None:
+    """Issue ``ops``; each connection has at most ``max_inflight`` reads not yet written (a slow
+    connection never takes the others' share: a read goes to the least busy one)."""
     done: collections.deque = collections.deque()  # completed reads: (item, errno)
+    per_conn = [0] * len(src.handles)
     inflight = 0
     exhausted = False
 
@@ -197,7 +200,7 @@ def _run(src: Source, wake: int, ops, target, observer, stats, progress, max_inf
         return cb
 
     while True:
-        while not exhausted and inflight < max_inflight:
+        while not exhausted and min(per_conn) < max_inflight:
             op = next(ops, None)
             if op is None:
                 exhausted = True
@@ -220,8 +223,10 @@ def _run(src: Source, wake: int, ops, target, observer, stats, progress, max_inf
                     observer.issue(op.start, op.length)
                 host = target.place(op.start, op.length)
             ba, mv, nbuf = buffers.get(op.length)
-            item = _Item(op.kind, op.start, op.length, host, ba, mv, nbuf)
-            src.aio_pread(nbuf, op.start, on_read(item))
+            conn = per_conn.index(min(per_conn))
+            item = _Item(op.kind, op.start, op.length, host, ba, mv, nbuf, conn)
+            src.aio_pread(nbuf, op.start, on_read(item), conn)
+            per_conn[conn] += 1
             inflight += 1
         if inflight == 0 and exhausted:
             return
@@ -235,6 +240,7 @@ def _run(src: Source, wake: int, ops, target, observer, stats, progress, max_inf
             work.put(item)
         while finished:
             item = finished.popleft()
+            per_conn[item.conn] -= 1
             inflight -= 1
             if item.error is not None:
                 if isinstance(item.error, CopyError):

@@ -48,7 +48,6 @@ class Source:
         self.name = name
         self.dirty = dirty
         self.size = self.handles[0].get_size()
-        self._turn = 0
 
     def extents(self, start: int, end: int) -> list[extents.Extent]:
         """Merged extents of [start, end): allocation, and dirtiness when the source has it."""
@@ -83,10 +82,9 @@ class Source:
             pos = got[-1].end
         return out
 
-    def aio_pread(self, buf: "nbd.Buffer", offset: int, cb) -> None:
-        """Queue a read on the next connection, round robin."""
-        h = self.handles[self._turn % len(self.handles)]
-        self._turn += 1
+    def aio_pread(self, buf: "nbd.Buffer", offset: int, cb, conn: int = 0) -> None:
+        """Queue a read on connection ``conn`` (the engine picks the least busy one)."""
+        h = self.handles[conn]
         try:
             h.aio_pread(buf, offset, cb)
         except nbd.Error as e:

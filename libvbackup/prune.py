@@ -16,12 +16,13 @@ from . import qemuimg
 from .errors import Error
 from .plan import plan_prune
 from .repo import Repository
+from .results import PruneResult
 from .virt import Connection
 
 log = logging.getLogger(__name__)
 
 
-def prune(vm: str, *, repo: str, keep: int, uri: str | None = None, dry_run: bool = False) -> dict:
+def prune(vm: str, *, repo: str, keep: int, uri: str | None = None, dry_run: bool = False) -> PruneResult:
     repository = Repository(repo)
     if dry_run:
         repository.check_readable()
@@ -29,11 +30,15 @@ def prune(vm: str, *, repo: str, keep: int, uri: str | None = None, dry_run: boo
         repository.check_writable()
     m = repository.load(vm)
     plan = plan_prune(m, keep)
-    result = {"vm": vm, "keep": list(plan.keep), "remove": list(plan.remove),
-              "flatten": [f"{p}/{d}" for p, d in plan.flatten], "dry_run": dry_run,
-              "checkpoints_deleted": [], "warnings": []}
+    deleted: list[str] = []
+    warnings: list[str] = []
+
+    def result() -> PruneResult:
+        return PruneResult(vm, plan.keep, plan.remove, tuple(f"{p}/{d}" for p, d in plan.flatten), dry_run,
+                           tuple(deleted), tuple(warnings))
+
     if dry_run or not plan.remove:
-        return result
+        return result()
     with repository.lock(vm):
         m = repository.load(vm)
         plan = plan_prune(m, keep)
@@ -62,8 +67,8 @@ def prune(vm: str, *, repo: str, keep: int, uri: str | None = None, dry_run: boo
                 for name in reversed(plan.remove):
                     if name in have:
                         dom.delete_checkpoint(name)
-                        result["checkpoints_deleted"].append(name)
+                        deleted.append(name)
         except Error as e:
-            result["warnings"].append(f"libvirt checkpoints were not deleted: {e}")
+            warnings.append(f"libvirt checkpoints were not deleted: {e}")
             log.warning("libvirt checkpoints were not deleted: %s", e)
-    return result
+    return result()

@@ -22,9 +22,9 @@ Memory does not grow with the image: at most one L2 table is open, the metadata 
 (L2 tables, and ``finish``'s L1 table and refcounts) comes as an iterator of writes of at
 most ``CHUNK`` bytes, made as it is consumed; only the L1 table is kept (8 bytes per 512 MiB).
 
-Sizes: qcow2 stores the virtual size in bytes but QEMU cuts it down to a multiple of 512 on
-open, so ``Layout`` refuses other sizes. QEMU never exports one (7.2: ``qemu-img info``,
-qemu-nbd of a 1000001-byte raw file and ``qemu-img create -f qcow2 x 1000001`` all say 1000448).
+Sizes: QEMU cuts a qcow2's virtual size down to a multiple of 512 on open; ``Layout`` refuses
+others. QEMU exports none (7.2: qemu-nbd and ``qemu-img info`` of a 1000001-byte raw file, and
+``qemu-img create -f qcow2 x 1000001``, all give 1000448); nbdkit can: ``Qcow2Target`` refuses.
 """
 
 from __future__ import annotations

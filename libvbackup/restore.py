@@ -16,36 +16,22 @@ from . import engine, nbdio, target
 from .errors import NotFound, RepositoryError, UsageError
 from .progress import Progress
 from .repo import Repository, fsync_dir as repo_fsync_dir
+from .results import ListResult, PointDiskInfo, PointInfo, RestoredDisk, RestoreResult
 
 FORMATS = ("qcow2", "raw")
 
 
-def list_points(vm: str, *, repo: str) -> dict:
+def list_points(vm: str, *, repo: str) -> ListResult:
     repository = Repository(repo)
     repository.check_readable()
     m = repository.load(vm)
     if not m.points and not repository.vm_dir(vm).exists():
         raise NotFound(f"repository {repository.root} holds no backups of VM {vm!r}")
-    return {
-        "vm": vm,
-        "repo": str(repository.root),
-        "points": [
-            {
-                "checkpoint": p.checkpoint,
-                "parent": p.parent,
-                "level": p.level,
-                "mode": p.mode,
-                "completed": p.completed,
-                "seconds": p.seconds,
-                "disks": {
-                    n: {"image": str(repository.image(vm, d.image)), "size": d.size,
-                        "bytes_copied": d.bytes_copied, "bytes_zeroed": d.bytes_zeroed}
-                    for n, d in p.disks.items()
-                },
-            }
-            for p in m.points
-        ],
-    }
+    return ListResult(vm, str(repository.root), tuple(
+        PointInfo(p.checkpoint, p.parent, p.level, p.mode, p.completed, p.seconds, {
+            n: PointDiskInfo(str(repository.image(vm, d.image)), d.size, d.bytes_copied, d.bytes_zeroed)
+            for n, d in p.disks.items()})
+        for p in m.points))
 
 
 def restore(
@@ -57,7 +43,7 @@ def restore(
     fmt: str = "qcow2",
     disks: Sequence[str] = (),
     progress: str = "none",
-) -> dict:
+) -> RestoreResult:
     """Write ``output/<disk>.<fmt>`` for each disk, as it was when ``checkpoint`` was created."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -110,8 +96,8 @@ def restore(
             os.replace(tmp, dst)
             repo_fsync_dir(out)
             written[-1] = dst
-            result[n] = {"path": str(dst), "size": point.disks[n].size, "format": fmt}
-        return {"vm": vm, "checkpoint": checkpoint, "disks": result}
+            result[n] = RestoredDisk(str(dst), point.disks[n].size, fmt)
+        return RestoreResult(vm, checkpoint, result)
     except BaseException:
         for p in written:
             with contextlib.suppress(OSError):

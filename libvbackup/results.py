@@ -90,3 +90,77 @@ class AbortResult(Result):
     aborted: str | None  # the checkpoint of the run
     pid: int | None
     cleaned_up: bool  # True: the run was dead and this call cleaned up after it
+
+
+@dataclasses.dataclass(frozen=True)
+class PointDiskInfo(Result):
+    image: str  # absolute path
+    size: int
+    bytes_copied: int
+    bytes_zeroed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PointInfo(Result):
+    checkpoint: str
+    parent: str | None
+    level: str
+    mode: str
+    completed: str
+    seconds: float
+    disks: dict[str, PointDiskInfo]
+
+
+@dataclasses.dataclass(frozen=True)
+class ListResult(Result):
+    vm: str
+    repo: str
+    points: tuple[PointInfo, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredDisk(Result):
+    path: str
+    size: int
+    format: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult(Result):
+    vm: str
+    checkpoint: str
+    disks: dict[str, RestoredDisk]
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifiedDisk(Result):
+    ok: bool
+    problems: tuple[str, ...]
+    bad_blocks: int
+    blkhash: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifiedPoint(Result):
+    checkpoint: str
+    ok: bool
+    disks: dict[str, VerifiedDisk]
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult(Result):
+    vm: str
+    repo: str
+    ok: bool
+    points: tuple[VerifiedPoint, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult(Result):
+    vm: str
+    keep: tuple[str, ...]
+    remove: tuple[str, ...]
+    flatten: tuple[str, ...]  # "<point>/<disk>" images rebased onto nothing
+    dry_run: bool
+    checkpoints_deleted: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()

@@ -14,6 +14,7 @@ from . import checksum, engine, nbdio, qemuimg
 from .errors import Error, NotFound
 from .manifest import Manifest, Point
 from .repo import Repository
+from .results import VerifiedDisk, VerifiedPoint, VerifyResult
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def _chain_images(m: Manifest, point: Point, disk: str) -> list[tuple[str, str |
         image, backing = parent.image, parent.backing
 
 
-def verify_disk(repository: Repository, m: Manifest, point: Point, disk: str) -> dict:
+def verify_disk(repository: Repository, m: Manifest, point: Point, disk: str) -> VerifiedDisk:
     problems: list[str] = []
     bad: list[int] = []
     vm = m.vm
@@ -85,10 +86,10 @@ def verify_disk(repository: Repository, m: Manifest, point: Point, disk: str) ->
                 shown = ", ".join(str(o) for o in bad[:MAX_REPORTED])
                 problems.append(f"{len(bad)} block(s) of {pd.block_size} bytes differ from the backup, "
                                 f"at offsets {shown}{' …' if len(bad) > MAX_REPORTED else ''}")
-    return {"ok": not problems, "problems": problems, "bad_blocks": len(bad), "blkhash": pd.blkhash}
+    return VerifiedDisk(not problems, tuple(problems), len(bad), pd.blkhash)
 
 
-def verify(vm: str, *, repo: str, checkpoint: str | None = None) -> dict:
+def verify(vm: str, *, repo: str, checkpoint: str | None = None) -> VerifyResult:
     repository = Repository(repo)
     repository.check_readable()
     m = repository.load(vm)
@@ -101,5 +102,5 @@ def verify(vm: str, *, repo: str, checkpoint: str | None = None) -> dict:
         for name in p.disks:
             log.info("verifying %s/%s", p.checkpoint, name)
             disks[name] = verify_disk(repository, m, p, name)
-        out.append({"checkpoint": p.checkpoint, "ok": all(d["ok"] for d in disks.values()), "disks": disks})
-    return {"vm": vm, "repo": str(repository.root), "ok": all(p["ok"] for p in out), "points": out}
+        out.append(VerifiedPoint(p.checkpoint, all(d.ok for d in disks.values()), disks))
+    return VerifyResult(vm, str(repository.root), all(p.ok for p in out), tuple(out))

@@ -19,13 +19,13 @@ def list_(
 ) -> None:
     result = list_points(vm, repo=repo_path(repo))
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
         return
-    if not result["points"]:
-        typer.echo(f"no backup points of {vm} in {result['repo']}")
+    if not result.points:
+        typer.echo(f"no backup points of {vm} in {result.repo}")
         return
     typer.echo(f"{'CHECKPOINT':<28} {'LEVEL':<13} {'PARENT':<28} {'COMPLETED':<26} DISKS")
-    for p in result["points"]:
-        disks = ", ".join(f"{n} {human(d['bytes_copied'])}" for n, d in p["disks"].items())
-        typer.echo(f"{p['checkpoint']:<28} {p['level']:<13} {p['parent'] or '-':<28} "
-                   f"{p['completed']:<26} {disks}")
+    for p in result.points:
+        disks = ", ".join(f"{n} {human(d.bytes_copied)}" for n, d in p.disks.items())
+        typer.echo(f"{p.checkpoint:<28} {p.level:<13} {p.parent or '-':<28} "
+                   f"{p.completed:<26} {disks}")

@@ -25,13 +25,13 @@ def prune(
 ) -> None:
     r = prune_op(vm, repo=repo_path(repo), keep=keep, uri=uri, dry_run=dry_run)
     if json_out:
-        emit_json(r)
+        emit_json(r.to_dict())
         return
     prefix = "would " if dry_run else ""
-    typer.echo(f"{prefix}keep: {', '.join(r['keep']) or '-'}")
-    typer.echo(f"{prefix}flatten: {', '.join(r['flatten']) or '-'}")
-    typer.echo(f"{prefix}remove: {', '.join(r['remove']) or '-'}")
-    if r["checkpoints_deleted"]:
-        typer.echo(f"deleted checkpoints: {', '.join(r['checkpoints_deleted'])}")
-    for w in r["warnings"]:
+    typer.echo(f"{prefix}keep: {', '.join(r.keep) or '-'}")
+    typer.echo(f"{prefix}flatten: {', '.join(r.flatten) or '-'}")
+    typer.echo(f"{prefix}remove: {', '.join(r.remove) or '-'}")
+    if r.checkpoints_deleted:
+        typer.echo(f"deleted checkpoints: {', '.join(r.checkpoints_deleted)}")
+    for w in r.warnings:
         typer.echo(f"warning: {w}", err=True)

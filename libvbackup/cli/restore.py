@@ -30,8 +30,8 @@ def restore(
     result = restore_op(vm, repo=repo_path(repo), output=output, checkpoint=checkpoint, fmt=fmt, disks=as_list(disk),
                         progress=progress_mode(progress, json_out))
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
         return
-    typer.echo(f"restored {vm} at {result['checkpoint']}:")
-    for name, d in result["disks"].items():
-        typer.echo(f"  {name}: {d['path']}")
+    typer.echo(f"restored {vm} at {result.checkpoint}:")
+    for name, d in result.disks.items():
+        typer.echo(f"  {name}: {d.path}")

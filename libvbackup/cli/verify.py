@@ -26,13 +26,13 @@ def verify(
 ) -> None:
     result = verify_op(vm, repo=repo_path(repo), checkpoint=checkpoint)
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
     else:
-        for p in result["points"]:
-            typer.echo(f"{p['checkpoint']}: {'ok' if p['ok'] else 'DAMAGED'}")
-            for name, d in p["disks"].items():
-                for problem in d["problems"]:
+        for p in result.points:
+            typer.echo(f"{p.checkpoint}: {'ok' if p.ok else 'DAMAGED'}")
+            for name, d in p.disks.items():
+                for problem in d.problems:
                     typer.echo(f"  {name}: {problem}")
-    bad = [p["checkpoint"] for p in result["points"] if not p["ok"]]
+    bad = [p.checkpoint for p in result.points if not p.ok]
     if bad:
         raise VerifyError(f"{len(bad)} point(s) failed verification: {', '.join(bad)}")

@@ -67,7 +67,7 @@ def assert_restores(repo, vm_name: str, checkpoint: str, expected: dict[str, byt
     out = workdir / f"restore-{checkpoint}-{fmt}"
     result = restore(vm_name, repo=str(repo), output=str(out), checkpoint=checkpoint, fmt=fmt)
     try:
-        assert sorted(result["disks"]) == sorted(expected)
+        assert sorted(result.disks) == sorted(expected)
         for target, data in expected.items():
             path = out / f"{target}.{fmt}"
             info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)],

@@ -42,20 +42,20 @@ def test_prune_keeps_the_newest_points_byte_exact(vm, repo, workdir):
     assert tree(repo) == before and sorted(vm.checkpoints()) == ["d", "f", "i1", "i2", "i3"]
 
     r = prune(vm.name, repo=str(repo), keep=2)
-    assert r["checkpoints_deleted"] == ["i2", "i1", "f"]
+    assert r.checkpoints_deleted == ("i2", "i1", "f")
     assert sorted(vm.checkpoints()) == ["d", "i3"]
     m = Repository(repo).load(vm.name)
     assert [(p.checkpoint, p.parent) for p in m.points] == [("d", None), ("i3", "d")]
     assert sorted(x.name for x in (repo / vm.name).iterdir()) == [".lock", "d", "i3", "manifest.json"]
     for name in ("d", "i3"):
         assert_restores(repo, vm.name, name, models[name], workdir)
-    assert verify(vm.name, repo=str(repo))["ok"]
+    assert verify(vm.name, repo=str(repo)).ok
     # The chain goes on from the kept points.
     vm["vda"].write(777, b"after the prune")
     pull(vm.name, repo=str(repo), checkpoint="i4", level="inc")
     assert_restores(repo, vm.name, "i4", {d.target: d.snapshot() for d in vm.disks}, workdir)
     r = prune(vm.name, repo=str(repo), keep=1)
-    assert r["remove"] == ["d", "i3"] and sorted(vm.checkpoints()) == ["i4"]
+    assert r.remove == ("d", "i3") and sorted(vm.checkpoints()) == ["i4"]
     assert_restores(repo, vm.name, "i4", {d.target: d.snapshot() for d in vm.disks}, workdir)
 
 

@@ -52,7 +52,7 @@ def test_push_full_and_incremental_restore_byte_exact(vm, repo, workdir):
         assert p.stat().st_uid == 0 and p.stat().st_mode & 0o077 == 0, p
     assert_restores(repo, vm.name, "p1", m1, workdir)
     assert_restores(repo, vm.name, "p2", m2, workdir)
-    assert verify(vm.name, repo=str(repo))["ok"]
+    assert verify(vm.name, repo=str(repo)).ok
     assert not vm.has_job() and leftovers() == []
 
 
@@ -73,7 +73,7 @@ def test_pull_and_push_points_mix_in_one_chain(vm, repo, workdir):
     assert [p.checkpoint for p in m.chain("f")] == ["a", "d", "e", "f"]
     for name, model in models.items():
         assert_restores(repo, vm.name, name, model, workdir)
-    assert verify(vm.name, repo=str(repo))["ok"]
+    assert verify(vm.name, repo=str(repo)).ok
 
 
 def test_cancelled_push_leaves_no_point(lab, repo, workdir):

@@ -57,8 +57,8 @@ def flip(path, offset: int) -> None:
 
 def test_fresh_chain_verifies(chain, repo):
     r = verify(chain.name, repo=str(repo))
-    assert r["ok"], json.dumps(r, indent=1)
-    assert [p["checkpoint"] for p in r["points"]] == ["full", "inc", "diff"]
+    assert r.ok, json.dumps(r.to_dict(), indent=1)
+    assert [p.checkpoint for p in r.points] == ["full", "inc", "diff"]
     res = cli("verify", chain.name, "--repo", str(repo), "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["ok"]
     # Same guest data, same blkhash, whatever the chain: a point taken with nothing changed
@@ -78,15 +78,15 @@ def test_flipped_byte_in_the_full_image_fails_every_point_that_sees_it(chain, re
     assert "full: DAMAGED" in res.stdout and "differ" in res.stdout
     assert "full" in res.stderr.strip().splitlines()[-1]
     r = verify(chain.name, repo=str(repo), checkpoint="full")
-    assert not r["ok"] and r["points"][0]["disks"]["vdb"]["bad_blocks"] == 1
-    assert r["points"][0]["disks"]["vda"]["ok"] and r["points"][0]["disks"]["vdc"]["ok"]
+    assert not r.ok and r.points[0].disks["vdb"].bad_blocks == 1
+    assert r.points[0].disks["vda"].ok and r.points[0].disks["vdc"].ok
 
 
 def test_flipped_byte_in_an_incremental_image(chain, repo):
     image = repo / chain.name / "inc" / "vda.qcow2"
     flip(image, data_cluster(image) + 7)
     r = verify(chain.name, repo=str(repo))
-    status = {p["checkpoint"]: p["ok"] for p in r["points"]}
+    status = {p.checkpoint: p.ok for p in r.points}
     assert status == {"full": True, "inc": False, "diff": True}
 
 
@@ -94,15 +94,15 @@ def test_missing_image_and_damaged_checksums(chain, repo):
     (repo / chain.name / "full" / "vdc.qcow2").unlink()
     r = verify(chain.name, repo=str(repo))
     # vdc (raw source) is a full image in every point: only the full point lost it.
-    assert {p["checkpoint"]: p["ok"] for p in r["points"]} == {"full": False, "inc": True, "diff": True}
-    assert "missing" in r["points"][0]["disks"]["vdc"]["problems"][0]
+    assert {p.checkpoint: p.ok for p in r.points} == {"full": False, "inc": True, "diff": True}
+    assert "missing" in r.points[0].disks["vdc"].problems[0]
     (repo / chain.name / "full" / "vda.qcow2").unlink()
     r = verify(chain.name, repo=str(repo))
-    assert all(not p["ok"] for p in r["points"])  # every vda chain starts at the full image
+    assert all(not p.ok for p in r.points)  # every vda chain starts at the full image
     sums = repo / chain.name / "diff" / "vdb.sums"
     sums.write_bytes(sums.read_bytes()[:-1] + b"\0")
     r = verify(chain.name, repo=str(repo), checkpoint="diff")
-    assert any("checksums" in p for p in r["points"][0]["disks"]["vdb"]["problems"])
+    assert any("checksums" in p for p in r.points[0].disks["vdb"].problems)
 
 
 def _to_legacy(repo, vm_name, tmp_path) -> None:
@@ -128,14 +128,14 @@ def test_repository_with_sha256_checksums(chain, repo, tmp_path):
     """Points written with SHA-256 digests still verify, damage in them is still found, and an
     incremental on top of them continues with SHA-256 (it reuses its parent's digests)."""
     _to_legacy(repo, chain.name, tmp_path)
-    assert verify(chain.name, repo=str(repo))["ok"]
+    assert verify(chain.name, repo=str(repo)).ok
     random_writes(chain["vda"], random.Random(5), n=4)
     pull(chain.name, repo=str(repo), checkpoint="next", incremental="diff")
     m = json.loads((repo / chain.name / "manifest.json").read_text())
     assert m["points"][-1]["disks"]["vda"]["checksum"] == "sha256"
-    assert verify(chain.name, repo=str(repo))["ok"]
+    assert verify(chain.name, repo=str(repo)).ok
     image = repo / chain.name / "next" / "vda.qcow2"
     flip(image, data_cluster(image) + 99)
     r = verify(chain.name, repo=str(repo))
-    assert {p["checkpoint"]: p["ok"] for p in r["points"]} == {"full": True, "inc": True, "diff": True, "next": False}
-    assert r["points"][-1]["disks"]["vda"]["bad_blocks"] == 1
+    assert {p.checkpoint: p.ok for p in r.points} == {"full": True, "inc": True, "diff": True, "next": False}
+    assert r.points[-1].disks["vda"].bad_blocks == 1

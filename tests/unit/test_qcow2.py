@@ -157,6 +157,9 @@ def test_layout_refuses_out_of_order_and_unaligned_ranges():
         lay.place(9 * C, 2 * C)  # past the end
     with pytest.raises(ValueError):
         qcow2.Layout(C, backing="x" * 2000)
+    list(lay.finish())
+    with pytest.raises(ValueError):
+        lay.place(9 * C, C)  # after finish
 
 
 def test_refcounts_cover_metadata_beyond_one_refcount_block():
