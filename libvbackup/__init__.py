@@ -1,20 +1,33 @@
 """libvbackup: push/pull backups of running libvirt/QEMU domains into qcow2 chains.
 
-Layers, from the bottom up (each module imports only from the ones above it in this list):
+Layers, from the bottom up (each module imports only from the ones above it in this list;
+tests/unit/test_layers.py holds the code to it):
 
 - ``errors``      the one exception hierarchy
+- ``results``     what operations return: frozen dataclasses, ``to_dict`` for --json (pure)
 - ``domxml``      reading a domain's XML: which disks can be backed up (pure)
 - ``xmlgen``      <domainbackup>/<domaincheckpoint> documents from xml_templates/ (pure)
 - ``extents``     NBD extent merging and copy planning (pure)
-- ``plan``        which checkpoint a backup extends, its level, names (pure)
+- ``checksum``    block digests of guest data (pure; xxhash loads only when digests are made)
 - ``manifest``    the repository's on-disk format (pure parse/serialise)
-- ``checksum``    block digests of guest data (pure)
+- ``plan``        which checkpoint a backup extends, its level, names; prune plans (pure)
+- ``checkpoints`` libvirt's checkpoints seen from the repository: usable, redefinable, whose
+- ``documents``   the XML documents of a plan (pure)
 - ``qcow2``       where each cluster of a new qcow2 image goes, and its metadata (pure)
-- ``nbdio``       the only module that imports ``nbd``: the copy engine
+- ``lock``        the per-VM lock, never unlinked; its holder proven by the kernel
+- ``progress``    progress lines and counters
+- ``signals``     SIGINT/SIGTERM around a run, the umask
+- ``nbdio``       the only module that imports ``nbd``: ``Source``, the one source interface
+- ``engine``      the copy engine: a source into a target, an observer watching
+- ``parallel``    several copies at once, a watchdog, the first failure stops all
 - ``virt``        the only module that imports ``libvirt``
 - ``target``      the image files the engine writes (raw, and qcow2 through ``qcow2``)
 - ``qemuimg``     qemu-img wrappers
-- ``repo``        the repository: paths, lock, atomic manifest writes
+- ``repo``        the repository: every path convention, the lock, sums, commit of a point
+- ``journal``     the run journal: states, clean-up and recovery of a dead run
+- ``scratch``     the run directory and the scratch guard
+- ``transport``   what the pull and push transports share
+- ``pull``, ``push``   the transports
 - ``backup``, ``restore``, ``verify``, ``prune``, ``lifecycle``   operations
 - ``cli``         typer commands, thin
 """

@@ -9,8 +9,8 @@ or more connections. Every reader of guest data goes through it:
 - push checksums: the pushed image served by qemu-nbd with ``qemu:allocation-depth``, whose
   own layer plays the dirty bitmap (``image(own_layer=True)``).
 
-qemu-nbd is started by libnbd through socket activation, so no socket file of ours exists and
-the server dies with the handle.
+An image is served by a qemu-nbd child of ours, for several connections at once (one
+connection read 1 GiB from tmpfs in 2.0-2.6 s here, two in 1.1-1.3 s, nbdcopy in 0.6 s).
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
+import subprocess
+import tempfile
+import time
 from typing import Sequence
 
 import nbd
@@ -43,11 +47,14 @@ class Source:
     Whoever opens a source closes it (``close``, or ``with``).
     """
 
-    def __init__(self, handles: Sequence["nbd.NBD"], name: str, dirty: str | None = None):
+    def __init__(self, handles: Sequence["nbd.NBD"], name: str, dirty: str | None = None,
+                 process: "subprocess.Popen | None" = None, directory: str | None = None):
         self.handles = list(handles)
         self.name = name
         self.dirty = dirty
         self.size = self.handles[0].get_size()
+        self._process = process  # a qemu-nbd of ours, reaped on close
+        self._directory = directory
 
     def extents(self, start: int, end: int) -> list[extents.Extent]:
         """Merged extents of [start, end): allocation, and dirtiness when the source has it."""
@@ -150,6 +157,9 @@ class Source:
             except nbd.Error as e:
                 log.debug("closing %s: %s", h.get_handle_name(), e)
         self.handles = []
+        if self._process is not None or self._directory is not None:
+            _stop(self._process, self._directory)
+            self._process = self._directory = None
 
     def __enter__(self) -> "Source":
         return self
@@ -189,30 +199,80 @@ def export(socket: str, name: str, bitmap: str | None = None, connections: int =
     return Source(handles, f"export {name!r}", dirty)
 
 
-def image(path: str, fmt: str = "qcow2", own_layer: bool = False) -> Source:
-    """An image (and its backing chain) served read-only by qemu-nbd.
+def image(path: str, fmt: str = "qcow2", own_layer: bool = False, connections: int = CONNECTIONS) -> Source:
+    """An image (and its backing chain) served read-only by a qemu-nbd of our own.
 
     ``own_layer``: the ranges this image holds itself (not its backing files) are the dirty
-    ones, from ``qemu:allocation-depth``.
+    ones, from ``qemu:allocation-depth``. qemu-nbd is our child, listening on a socket in a
+    private directory for ``connections`` clients (read-only, so every connection sees the
+    same data); it exits when the last of them disconnects, so it never outlives us for long.
     """
-    argv = ["qemu-nbd", "-f", fmt, "--cache=writeback", "--aio=threads", "--read-only"]
+    argv = ["qemu-nbd", "-f", fmt, "--cache=writeback", "--aio=threads", "--read-only",
+            "--shared", str(connections)]
     if own_layer:
         argv.append("--allocation-depth")
-    argv.append(path)
-    if not log.isEnabledFor(logging.DEBUG):
-        # qemu-nbd reports a client's disconnect on stderr; our own error says what happened.
-        # exec keeps the pid, which socket activation (LISTEN_PID) requires.
-        argv = ["sh", "-c", 'exec "$0" "$@" 2>/dev/null', *argv]
-    h = nbd.NBD()
-    h.set_handle_name(f"img-{path}")
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    if own_layer:
-        h.add_meta_context(ALLOCATION_DEPTH)
+    contexts = [nbd.CONTEXT_BASE_ALLOCATION] + ([ALLOCATION_DEPTH] if own_layer else [])
+    directory = tempfile.mkdtemp(prefix="lvb-nbd-")  # 0700
+    sock = os.path.join(directory, "nbd.sock")
+    server = None
+    handles: list = []
     try:
-        h.connect_systemd_socket_activation(argv)
-    except nbd.Error as e:
-        raise _err(f"cannot serve image {path} with qemu-nbd", e) from e
-    if own_layer and not h.can_meta_context(ALLOCATION_DEPTH):
-        Source([h], path).close()
-        raise CopyError(f"qemu-nbd does not offer {ALLOCATION_DEPTH} for {path}")
-    return Source([h], f"image {path}", ALLOCATION_DEPTH if own_layer else None)
+        # Its messages go to a file (a pipe nobody reads could fill and block it).
+        with open(os.path.join(directory, "stderr"), "wb") as err:
+            try:
+                server = subprocess.Popen(argv + ["--socket", sock, path], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=err, close_fds=True)
+            except OSError as e:
+                raise CopyError(f"cannot run qemu-nbd: {e.strerror}", "run scripts/setup") from e
+        _wait_for_socket(server, sock, path, os.path.join(directory, "stderr"))
+        for i in range(connections):
+            try:
+                handles.append(_connect_unix(sock, "", contexts, i))
+            except CopyError:
+                if _exited(server):  # qemu-nbd refused the image: say why, in its words
+                    raise _server_error(path, os.path.join(directory, "stderr")) from None
+                raise
+    except BaseException:
+        Source(handles, path, process=server, directory=directory).close() if handles else _stop(server, directory)
+        raise
+    return Source(handles, f"image {path}", ALLOCATION_DEPTH if own_layer else None, process=server,
+                  directory=directory)
+
+
+def _exited(server: "subprocess.Popen") -> bool:
+    try:
+        server.wait(0.5)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+SERVER_START = 30.0  # seconds qemu-nbd may take to open a chain and listen
+
+
+def _wait_for_socket(server: "subprocess.Popen", sock: str, path: str, stderr: str) -> None:
+    deadline = time.monotonic() + SERVER_START
+    while not os.path.exists(sock):
+        if server.poll() is not None:
+            raise _server_error(path, stderr)
+        if time.monotonic() > deadline:
+            raise CopyError(f"qemu-nbd did not start serving {path} within {SERVER_START:.0f} s")
+        time.sleep(0.002)
+
+
+def _server_error(path: str, stderr: str) -> CopyError:
+    with open(stderr, "rb") as f:
+        err = f.read().decode(errors="replace").strip().splitlines()
+    return CopyError(f"cannot serve image {path} with qemu-nbd: {err[-1] if err else 'it exited'}")
+
+
+def _stop(server: "subprocess.Popen | None", directory: str | None) -> None:
+    """Reap our qemu-nbd (it exits once its clients are gone; killed if it does not)."""
+    if server is not None:
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()  # our own child: the Popen object proves it
+            server.wait()
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)

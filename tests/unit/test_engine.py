@@ -117,6 +117,7 @@ def test_incremental_copy_over_a_backing_image(tmp_path, max_request, block):
 
     plain = nbdio.image(str(new))
     src = WithDirty(plain.handles, plain.name)
+    src.close = plain.close  # the server is plain's
     top = tmp_path / "top.qcow2"
     dst = target.Qcow2Target(str(top), size, backing="old.qcow2")
     parent = checksum.BlockHasher(size, block=block)

@@ -1,0 +1,83 @@
+"""The layer list in libvbackup/__init__.py is true: each module imports only modules listed
+above it, only ``nbdio`` imports libnbd and only ``virt`` imports libvirt, and the pure
+manifest parser loads no C extension it does not need."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+import subprocess
+import sys
+
+import libvbackup
+
+PKG = pathlib.Path(libvbackup.__file__).parent
+
+
+def layers() -> list[list[str]]:
+    doc = libvbackup.__doc__
+    out = []
+    for line in doc[doc.index("Layers"):].splitlines():
+        m = re.match(r"- ((?:``\w+``,? ?)+)", line)
+        if m:
+            out.append(re.findall(r"``(\w+)``", m.group(1)))
+    return out
+
+
+def imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
+    """(libvbackup modules, top-level outside modules) imported by a file."""
+    ours, outside = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                ours.add(node.module.split(".")[0])
+            elif node.level == 1:
+                ours.update(a.name for a in node.names)
+            elif node.level == 2:
+                ours.add(node.module.split(".")[0] if node.module else "")
+            elif node.module:
+                outside.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            outside.update(a.name.split(".")[0] for a in node.names)
+    return ours, outside
+
+
+def test_every_module_is_listed_once():
+    listed = [m for group in layers() for m in group]
+    assert len(listed) == len(set(listed))
+    present = {p.stem for p in PKG.glob("*.py") if p.stem != "__init__"} | {"cli"}
+    assert set(listed) == present
+
+
+def test_modules_import_only_what_is_listed_above_them():
+    seen: set[str] = set()
+    wrong = []
+    for group in layers():
+        for name in group:
+            files = sorted((PKG / "cli").glob("*.py")) if name == "cli" else [PKG / f"{name}.py"]
+            for f in files:
+                ours, _ = imports(f)
+                if name == "cli":
+                    ours -= {p.stem for p in (PKG / "cli").glob("*.py")} | {""}
+                bad = ours - seen
+                if bad:
+                    wrong.append(f"{f.relative_to(PKG)} imports {sorted(bad)} (not above it)")
+        seen.update(group)
+    assert wrong == []
+
+
+def test_only_nbdio_imports_nbd_and_only_virt_imports_libvirt():
+    for f in PKG.rglob("*.py"):
+        _, outside = imports(f)
+        if "nbd" in outside:
+            assert f.stem == "nbdio", f
+        if outside & {"libvirt", "libvirt_qemu"}:
+            assert f.stem == "virt", f
+
+
+def test_reading_a_manifest_loads_no_digest_extension():
+    code = ("import sys; from libvbackup import manifest; manifest.loads('{\"format\": 2, \"vm\": \"v\", "
+            "\"points\": []}'); print(sorted(m for m in ('xxhash', 'nbd', 'libvirt') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
