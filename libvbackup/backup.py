@@ -217,7 +217,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
         ctx = RunContext(repository, dom, docs, planned.manifest, partial, progress, scratch_limit, on_job_started)
         results = TRANSPORTS[req.mode](ctx)
         point = _point(repository, dom, planned, req, record, results, time.monotonic() - t0)
-        repository.commit_point(planned.manifest, point, {r.name: bytes(r.hasher.sums) for r in results})
+        repository.commit_point(planned.manifest, point)
         journal.cleanup(repository, dom, record)  # the point is in the manifest: only the run dir goes
     except BaseException as e:
         with deferred() as pending:
@@ -251,7 +251,7 @@ def _point(repository: Repository, dom, planned: Planned, req: Request, record: 
             name=r.name, image=repository.image_name(plan.checkpoint, r.name), backing=by_name[r.name].backing,
             size=r.size, bytes_copied=r.bytes_copied, bytes_zeroed=r.bytes_zeroed,
             bitmap=by_name[r.name].bitmap, source_format=by_name[r.name].format,
-            blkhash=r.hasher.blkhash(), block_size=r.hasher.block, checksum=r.hasher.algorithm.name,
+            blkhash=r.blkhash, block_size=r.block, checksum=r.algorithm, sums_format=r.sums_format,
         )
         for r in results
     }

@@ -1,41 +1,61 @@
 """Format-independent checksums of a disk's guest-visible data (pure).
 
 The disk is cut into blocks of ``BLOCK`` bytes; each block's digest is the XXH3-128 (or, in
-repositories written before it, the SHA-256) of its bytes, and a block of zeroes has a known
-digest that costs nothing to compute. A backup point stores the list of block digests of each
-disk (``<point>/<disk>.sums``), and the manifest stores the SHA-256 of that list, the disk's
-*blkhash*: equal for equal guest data, whatever the image format or chain. ``verify`` re-reads
-the chain and compares block by block.
+repositories written before it, the SHA-256) of its bytes. A point stores the digests of each
+disk in ``<point>/<disk>.sums``; the manifest stores the disk's *blkhash*, a SHA-256 that
+covers them. ``verify`` re-reads the images and compares.
+
+Sums format 2 (sparse; manifest ``sums_format: 2``), written since format 3 of the manifest::
+
+    record*      one per block whose bytes are not all zero, in increasing block order:
+                 block index (8 bytes, big-endian) + digest (16 bytes XXH3-128, 32 SHA-256)
+
+A block that reads as zeroes has no record, however it is stored (hole, zero cluster, zeroes
+written, past the end of a shorter backing file): the encoding depends on the guest's bytes
+alone, so it is canonical. blkhash = SHA-256(``PREFIX`` + disk size (8 bytes) + block size
+(4 bytes) + algorithm name + NUL + the records): equal guest data gives an equal blkhash
+whatever the chain, the image format or the allocation. Metadata, memory and time follow the
+data: 24 bytes per 64 KiB of data, nothing for empty space.
+
+Sums format 1 (dense, older points): one digest for every block, zero blocks included;
+blkhash = SHA-256 of the file. ``records`` reads either as the same sparse stream, so a chain
+that started dense continues in format 2 (its algorithm and block size are kept).
+
+``BlockHasher`` watches a copy (``engine.Observer``): it is told of every operation as it is
+queued (``issue``) and completed (``data``/``zero``); a block is hashed once no queued
+operation touches it any more, and the digests leave it in block order, merged with the
+parent's stream (an incremental) as soon as every block below is final: it holds a window of
+digests, never a whole disk's worth.
+
+- Full backup (the target reads as zeroes elsewhere): a block is its copied pieces over zeroes.
+- Incremental: untouched blocks keep the parent's digests; a block entirely covered by copies
+  and zero writes is hashed from them; a block only partly dirty must be re-read (its clean
+  part lives in the parent), see ``finish``.
 
 The digests detect damage (bit rot, truncated or overwritten files, a broken chain), not
 tampering: the repository is private to root. XXH3-128 hashes at tens of GB/s where SHA-256
 manages 1.4 GB/s with SHA-NI: on two cores, SHA-256 cost a full backup 8% of its time.
-
-``BlockHasher`` computes the digests while a backup is copied, without reading anything
-twice where it can: it is told of every operation as it is queued (``issue``) and completed
-(``data``/``zero``); a block is hashed once no queued operation touches it any more.
-
-- Full backup (the target reads as zeroes elsewhere): a block is its copied pieces over zeroes.
-- Incremental: untouched blocks keep the parent's digests; a block entirely covered by copies
-  and zero writes is hashed from them; a block only partly dirty must be re-read from the new
-  image (its clean part lives in the parent), see ``finish``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 import threading
-from typing import Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 # 64 KiB, the cluster of the images libvbackup writes: an incremental copies whole clusters, so
-# every block it touches is covered by what it copies and nothing needs reading back (a block
-# changed only in part would have to be re-read from the export). The digests (16 bytes) take
-# 1/4096 of the disk. Points keep the block size of the chain they continue.
+# every block it touches is covered by what it copies and nothing needs reading back.
 BLOCK = 64 << 10
-
+DENSE, SPARSE = 1, 2  # sums formats
+PREFIX = b"libvbackup sparse sums 2\0"
+EMIT_EVERY = 1024  # issues between two flushes of finished digests
+MAX_FINAL = 1 << 16  # ... or as soon as this many are waiting to leave
+READ_CHUNK = 1 << 20
 
 DigestFn = Callable[[bytes | bytearray | memoryview], bytes]
+Record = tuple[int, bytes]  # (block index, digest)
 
 
 def _xxh3_128() -> DigestFn:
@@ -70,16 +90,6 @@ class Algorithm:
             d = _ZEROES[(self.name, length)] = self.digest(bytes(length))
         return d
 
-    def zero_sums(self, size: int, block: int = BLOCK) -> bytearray:
-        n, tail = divmod(size, block)
-        return bytearray(self.zero_digest(block) * n + (self.zero_digest(tail) if tail else b""))
-
-    def compare(self, expected: bytes, actual: bytes, block: int = BLOCK) -> list[int]:
-        """Offsets of the blocks whose digests differ."""
-        k = self.size
-        return [i // k * block for i in range(0, min(len(expected), len(actual)), k)
-                if expected[i:i + k] != actual[i:i + k]]
-
 
 _ZEROES: dict[tuple[str, int], bytes] = {}
 ALGORITHMS = {
@@ -105,42 +115,178 @@ def digest_of(sums: bytes | bytearray) -> str:
     return hashlib.sha256(sums).hexdigest()
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What a sums file is: its format, the disk size, block size and algorithm."""
+
+    size: int
+    block: int = BLOCK
+    algorithm_name: str = DEFAULT
+    format: int = SPARSE
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return algorithm(self.algorithm_name)
+
+    def prefix(self) -> bytes:
+        return PREFIX + struct.pack(">QI", self.size, self.block) + self.algorithm_name.encode() + b"\0"
+
+    def blkhash_of(self, f: BinaryIO) -> str:
+        """The blkhash of a sums file, read as a stream."""
+        h = hashlib.sha256(self.prefix() if self.format == SPARSE else b"")
+        while chunk := f.read(READ_CHUNK):
+            h.update(chunk)
+        return h.hexdigest()
+
+    def file_size_ok(self, n: int) -> bool:
+        k = self.algorithm.size
+        if self.format == DENSE:
+            return n == block_count(self.size, self.block) * k
+        return n % (8 + k) == 0 and n // (8 + k) <= block_count(self.size, self.block)
+
+    def records(self, f: BinaryIO) -> Iterator[Record]:
+        """The file's digests of non-zero blocks, in block order, whatever its format."""
+        k = self.algorithm.size
+        if self.format == SPARSE:
+            unpack = struct.Struct(">Q").unpack_from
+            step = 8 + k
+            last = -1
+            n = block_count(self.size, self.block)
+            while chunk := f.read(READ_CHUNK // step * step):
+                for pos in range(0, len(chunk) - step + 1, step):
+                    (index,) = unpack(chunk, pos)
+                    if index <= last or index >= n:
+                        raise ValueError(f"sums record for block {index} out of order")
+                    last = index
+                    yield index, bytes(chunk[pos + 8:pos + step])
+            return
+        zero = self.algorithm.zero_digest(self.block)
+        tail = self.size % self.block
+        last_index = block_count(self.size, self.block) - 1
+        index = 0
+        while chunk := f.read(READ_CHUNK // k * k):
+            for pos in range(0, len(chunk), k):
+                d = bytes(chunk[pos:pos + k])
+                z = self.algorithm.zero_digest(tail) if tail and index == last_index else zero
+                if d != z:
+                    yield index, d
+                index += 1
+
+
+class SumsWriter:
+    """Writes sparse records to ``f`` as they come, in order; ``close`` returns the blkhash."""
+
+    def __init__(self, f: BinaryIO, layout: Layout):
+        if layout.format != SPARSE:
+            raise ValueError("new sums are written sparse")
+        self.f = f
+        self.layout = layout
+        self._h = hashlib.sha256(layout.prefix())
+        self._buf = bytearray()
+        self._last = -1
+        self.count = 0
+
+    def add(self, index: int, digest: bytes) -> None:
+        if index <= self._last:
+            raise ValueError(f"sums record for block {index} out of order")
+        self._last = index
+        self._buf += struct.pack(">Q", index) + digest
+        self.count += 1
+        if len(self._buf) >= READ_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._h.update(self._buf)
+        self.f.write(self._buf)
+        self._buf.clear()
+
+    def close(self) -> str:
+        self._flush()
+        return self._h.hexdigest()
+
+
 class BlockHasher:
-    def __init__(self, size: int, *, parent_sums: bytes | None = None, parent_size: int | None = None,
-                 block: int = BLOCK, algorithm_name: str = DEFAULT):
-        """``parent_sums``: the digests of the parent point (an incremental), of a disk of
-        ``parent_size`` bytes (default ``size``). A disk that grew since keeps them; its new
-        blocks read as zeroes (the parent's image ends there), and a last parent block that
-        was short is re-read at its new length."""
+    """The block digests of a disk as a copy makes it (see the module docstring).
+
+    ``parent``: the parent point's records (an incremental), of a disk of ``parent_size``
+    bytes (default ``size``). A disk that grew keeps them; its new blocks read as zeroes (the
+    parent's image ends there), and a last parent block that was short is re-read at its new
+    length. ``sink(index, digest)`` receives the records in block order (default: kept in
+    ``records``, for small disks and tests).
+    """
+
+    def __init__(self, size: int, *, parent: Iterable[Record] | None = None, parent_size: int | None = None,
+                 block: int = BLOCK, algorithm_name: str = DEFAULT,
+                 sink: Callable[[int, bytes], None] | None = None):
         self.size = size
         self.block = block
         self.algorithm = algorithm(algorithm_name)
         self._digest = self.algorithm.digest
-        self._k = k = self.algorithm.size
-        self.reread: list[int] = []
-        self.full = parent_sums is None
-        if parent_sums is None:
-            self.sums = self.algorithm.zero_sums(size, block)
-        else:
-            old = size if parent_size is None else parent_size
-            if old > size or len(parent_sums) != block_count(old, block) * k:
-                raise ValueError("parent checksums do not match the disk size")
-            self.sums = bytearray(parent_sums)
-            if old < size:
-                if old % block:
-                    self.reread.append(old // block)
-                    self.sums[-k:] = self.algorithm.zero_digest(self._len(old // block))
-                grown = self.algorithm.zero_sums(size, block)[len(self.sums):]
-                self.sums += grown
+        self.full = parent is None
+        self.records: list[Record] = []
+        self._sink = sink or (lambda i, d: self.records.append((i, d)))
+        self._n = block_count(size, block)
+        self._parent = iter(parent) if parent is not None else iter(())
+        self._pnext: Record | None = None
         self._pending: dict[int, int] = {}
         self._covered: dict[int, int] = {}
         self._pieces: dict[int, list[tuple[int, bytes]]] = {}
+        self._final: dict[int, bytes | None] = {}  # touched blocks hashed, not yet emitted
+        self._waiting: set[int] = set()  # touched blocks not final yet
         self._frontier = 0  # no operation will be queued below this block any more
-        self._handed = 0  # rereads already handed out by take_rereads
+        self._out = 0  # every block below this one has been emitted
+        self._issues = 0
+        self.reread: list[int] = []  # blocks to read again, in the order found
+        self._handed = 0
         self._lock = threading.Lock()
+        old = size if parent_size is None else parent_size
+        if old > size:
+            raise ValueError("the parent's disk is larger: a shrunk disk starts a new chain")
+        if parent is not None and old < size and old % block:
+            b = old // block
+            self._waiting.add(b)
+            self._final[b] = None  # the parent's record of it is superseded
+            self.reread.append(b)
+        self._parent_size = old
 
-    def _set(self, b: int, digest: bytes) -> None:
-        self.sums[b * self._k:(b + 1) * self._k] = digest
+    # -- the stream out ------------------------------------------------------------------
+
+    def _next_parent(self) -> Record | None:
+        rec = next(self._parent, None)
+        if rec is not None and rec[0] * self.block >= self._parent_size:
+            raise ValueError(f"parent sums name block {rec[0]}, beyond the parent's disk")
+        return rec
+
+    def _emit(self, limit: int) -> None:
+        """Emit every block below ``limit`` (all final), merging the parent's records."""
+        if limit <= self._out:
+            return
+        finals = sorted(b for b in self._final if b < limit)
+        fi = 0
+        p = self._pnext if self._pnext is not None else self._next_parent()
+        while p is not None and p[0] < limit:
+            while fi < len(finals) and finals[fi] < p[0]:
+                d = self._final.pop(finals[fi])
+                if d is not None:
+                    self._sink(finals[fi], d)
+                fi += 1
+            if fi < len(finals) and finals[fi] == p[0]:
+                pass  # touched: the new digest wins (emitted by the loop above or below)
+            else:
+                self._sink(p[0], p[1])
+            p = self._next_parent()
+        for b in finals[fi:]:
+            d = self._final.pop(b)
+            if d is not None:
+                self._sink(b, d)
+        self._pnext = p
+        self._out = limit
+
+    def _emit_ready(self) -> None:
+        limit = min(self._frontier, min(self._waiting)) if self._waiting else self._frontier
+        self._emit(limit)
+
+    # -- the observer ----------------------------------------------------------------------
 
     def _len(self, b: int) -> int:
         return min(self.block, self.size - b * self.block)
@@ -154,15 +300,24 @@ class BlockHasher:
             yield b, offset, n
             offset += n
 
+    def _finalize(self, b: int, digest: bytes) -> None:
+        self._final[b] = None if digest == self.algorithm.zero_digest(self._len(b)) else digest
+        self._waiting.discard(b)
+
     def issue(self, offset: int, length: int) -> None:
         """An operation over [offset, offset+length) is queued (operations come in offset order)."""
         with self._lock:
             for b, _start, n in self._blocks(offset, length):
                 self._pending[b] = self._pending.get(b, 0) + 1
                 self._covered[b] = self._covered.get(b, 0) + n
+                self._waiting.add(b)
             old, self._frontier = self._frontier, offset // self.block
-            for b in [b for b in self._pending if old <= b < self._frontier]:
-                self._maybe_finish(b)
+            if self._frontier > old:
+                for b in [b for b in self._pending if old <= b < self._frontier]:
+                    self._maybe_finish(b)
+            self._issues += 1
+            if self._issues % EMIT_EVERY == 0 or len(self._final) > MAX_FINAL:
+                self._emit_ready()
 
     def data(self, offset: int, data) -> None:
         """The bytes of a queued operation (bytes, bytearray or memoryview)."""
@@ -174,8 +329,8 @@ class BlockHasher:
             if n == self._len(b):  # one operation is the whole block: nothing else touches it
                 digest = self._digest(piece)
                 with self._lock:
-                    self._set(b, digest)
                     del self._pending[b], self._covered[b]
+                    self._finalize(b, digest)
                 continue
             with self._lock:
                 self._pieces.setdefault(b, []).append((start, bytes(piece)))
@@ -201,16 +356,16 @@ class BlockHasher:
             self.reread.append(b)
             return
         if not pieces:
-            self._set(b, self.algorithm.zero_digest(length))
+            self._finalize(b, self.algorithm.zero_digest(length))
             return
         if len(pieces) == 1 and len(pieces[0][1]) == length:  # one request covered the block
-            self._set(b, self._digest(pieces[0][1]))
+            self._finalize(b, self._digest(pieces[0][1]))
             return
         buf = bytearray(length)
         base = b * self.block
         for start, chunk in pieces:
             buf[start - base:start - base + len(chunk)] = chunk
-        self._set(b, self._digest(buf))
+        self._finalize(b, self._digest(buf))
 
     def take_rereads(self) -> list[tuple[int, int]]:
         """The (offset, length) ranges known so far to need a re-read, each handed out once:
@@ -218,20 +373,55 @@ class BlockHasher:
         with self._lock:
             new = self.reread[self._handed:]
             self._handed = len(self.reread)
+            if self._handed > 4096:  # keep the list bounded: handed-out entries are not needed
+                del self.reread[:self._handed]
+                self._handed = 0
         return [(b * self.block, self._len(b)) for b in new]
 
     def finish(self) -> list[tuple[int, int]]:
         """Close every block; returns the remaining (offset, length) ranges to re-read."""
         with self._lock:
-            self._frontier = block_count(self.size, self.block) + 1
+            self._frontier = self._n + 1
             for b in list(self._pending):
                 self._maybe_finish(b)
         return sorted(self.take_rereads())
 
-    def blkhash(self) -> str:
-        """The disk's blkhash: the SHA-256 of its digest list."""
-        return digest_of(self.sums)
+    def set_block(self, offset: int, data) -> None:
+        """A re-read block's bytes (from the source: the point in time)."""
+        digest = self._digest(data)
+        with self._lock:
+            self._finalize(offset // self.block, digest)
 
-    def set_block(self, offset: int, data: bytes) -> None:
-        b = offset // self.block
-        self._set(b, self._digest(data))
+    def done(self) -> None:
+        """After the copy and its re-reads: emit everything left."""
+        with self._lock:
+            if self._waiting:
+                raise RuntimeError(f"{len(self._waiting)} block(s) were never hashed")
+            self._frontier = self._n
+            self._emit(self._n)
+            rest = self._pnext if self._pnext is not None else self._next_parent()
+            if rest is not None:
+                raise ValueError(f"parent sums name block {rest[0]}, beyond the disk")
+
+    # -- for tests and small disks ---------------------------------------------------------
+
+    def dense(self) -> bytes:
+        """The digests of every block (zero blocks too), from ``records``: O(disk size)."""
+        return dense(self.records, self.size, self.block, self.algorithm)
+
+
+def dense(records: Iterable[Record], size: int, block: int, algo: Algorithm) -> bytes:
+    n = block_count(size, block)
+    tail = size - (n - 1) * block if n else 0
+    out = bytearray()
+    pos = 0
+    for index, d in records:
+        while pos < index:
+            out += algo.zero_digest(block if pos < n - 1 else tail)
+            pos += 1
+        out += d
+        pos += 1
+    while pos < n:
+        out += algo.zero_digest(block if pos < n - 1 else tail)
+        pos += 1
+    return bytes(out)

@@ -11,10 +11,10 @@ import dataclasses
 import json
 from typing import Any
 
-from .checksum import ALGORITHMS, LEGACY
+from .checksum import ALGORITHMS, DENSE, LEGACY, SPARSE
 from .errors import NotFound, RepositoryError
 
-FORMAT = 2  # 2: points may name their checksum algorithm
+FORMAT = 3  # 2: points may name their checksum algorithm; 3: sparse sums (sums_format 2)
 
 
 @dataclasses.dataclass
@@ -27,9 +27,10 @@ class PointDisk:
     bytes_zeroed: int = 0  # dirty bytes written as zeroes
     bitmap: bool = True  # the point's checkpoint holds a bitmap for this disk
     source_format: str | None = None
-    blkhash: str | None = None  # SHA-256 of the block digests in "<point>/<disk>.sums"
+    blkhash: str | None = None  # SHA-256 covering the block digests in "<point>/<disk>.sums"
     block_size: int = 1 << 20  # the block size of those digests (older repositories: 1 MiB)
     checksum: str = LEGACY  # the algorithm of those digests (older repositories: SHA-256)
+    sums_format: int = DENSE  # 1: a digest per block (older points); 2: sparse (checksum.py)
 
 
 @dataclasses.dataclass
@@ -126,12 +127,19 @@ def _disk(name: str, dd: Any, at: str) -> PointDisk:
         blkhash=_opt(dd, "blkhash", str, where, None),
         block_size=_block_size(_opt(dd, "block_size", int, where, 1 << 20), where),
         checksum=_checksum(_opt(dd, "checksum", str, where, LEGACY), where),
+        sums_format=_sums_format(_opt(dd, "sums_format", int, where, DENSE), where),
     )
 
 
 def _block_size(n: int, where: str) -> int:
     if n < 512 or n % 512:
         raise RepositoryError(f"manifest {where}: field 'block_size' is malformed")
+    return n
+
+
+def _sums_format(n: int, where: str) -> int:
+    if n not in (DENSE, SPARSE):
+        raise RepositoryError(f"manifest {where}: unknown sums_format {n}", "upgrade libvbackup")
     return n
 
 

@@ -21,7 +21,7 @@ def run(ctx: RunContext) -> list[DiskResult]:
     dom.backup_begin(docs.backup_xml, docs.checkpoint_xml)
     bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
     ctx.job_started()
-    jobs = []
+    jobs, sums = [], {}
     with contextlib.ExitStack() as opened:
         for d in plan.disks:
             bitmap = None if d.full else bitmaps.get(d.name)
@@ -30,10 +30,13 @@ def run(ctx: RunContext) -> list[DiskResult]:
             src = opened.enter_context(nbdio.export(docs.socket, d.name, bitmap))
             dst = opened.enter_context(contextlib.closing(
                 tgt.Qcow2Target(str(ctx.image(d.name)), src.size, backing=ctx.backing(d))))
-            jobs.append(parallel.Job(d.name, src, dst, ctx.hasher(d, src.size)))
+            sums[d.name] = opened.enter_context(contextlib.closing(ctx.digests(d, src.size)))
+            jobs.append(parallel.Job(d.name, src, dst, sums[d.name].hasher))
         watch = scratch.watch(dom, docs.run_dir, ctx.scratch_limit)
         watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
         stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink)
+        results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
+                              sums[j.name].complete(), sums[j.name].layout.block,
+                              sums[j.name].layout.algorithm_name) for j in jobs]
     dom.abort_job()
-    return [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed, j.observer)
-            for j in jobs]
+    return results

@@ -12,6 +12,7 @@ rest keeps the parent's digests. Its fsync overlaps that pass.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pathlib
@@ -41,23 +42,21 @@ def run(ctx: RunContext) -> list[DiskResult]:
     done = dom.completed_job_stats()
     if not done.get("success", False):
         raise CopyError(f"the push backup failed: {done.get('errmsg') or 'libvirt reports no reason'}")
-    jobs, syncs = [], []
-    try:
+    jobs, syncs, sums = [], [], {}
+    with contextlib.ExitStack() as opened:
+        opened.callback(lambda: [s.wait() for s in syncs])
         for d in plan.disks:
             image = ctx.image(d.name)
             _move_private(docs.push_target(d.name), image)
             syncs.append(_Fsync(image))
-            src = nbdio.image(str(image), own_layer=not d.full)
+            src = opened.enter_context(nbdio.image(str(image), own_layer=not d.full))
+            sums[d.name] = opened.enter_context(contextlib.closing(ctx.digests(d, sizes[d.name])))
             jobs.append(parallel.Job(d.name, src, engine.Discard(sizes[d.name], reads_as_zero=d.full),
-                                     ctx.hasher(d, sizes[d.name])))
+                                     sums[d.name].hasher))
         stats = parallel.copy_all(jobs, "none")
-    finally:
-        for j in jobs:
-            j.source.close()
-        for s in syncs:
-            s.wait()
-    return [DiskResult(j.name, sizes[j.name], stats[j.name].bytes_copied, stats[j.name].bytes_zeroed, j.observer)
-            for j in jobs]
+        return [DiskResult(j.name, sizes[j.name], stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
+                           sums[j.name].complete(), sums[j.name].layout.block, sums[j.name].layout.algorithm_name)
+                for j in jobs]
 
 
 def _wait(ctx: RunContext) -> None:

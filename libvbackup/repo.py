@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+from typing import BinaryIO, Iterator
 
 from . import checksum, lock as lock_mod, manifest as mf
 from .errors import RepositoryError
@@ -46,18 +47,6 @@ def write_atomic(path: pathlib.Path, text: str, mode: int = 0o600) -> None:
             tmp.unlink()
         raise RepositoryError(f"cannot write {path}: {e.strerror}") from e
     fsync_dir(path.parent)
-
-
-def _write_new(path: pathlib.Path, data: bytes) -> None:
-    """A new private file with ``data``, on disk when this returns."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise RepositoryError(f"cannot write {path}: {e.strerror}") from e
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -198,25 +187,41 @@ class Repository:
         return d
 
     # -- points ---------------------------------------------------------------------------
-    def read_sums(self, vm: str, pd: mf.PointDisk) -> bytes:
-        """A point's stored block digests of one disk, checked against the manifest."""
+    def open_sums(self, vm: str, pd: mf.PointDisk) -> tuple[BinaryIO, Iterator[checksum.Record]]:
+        """A point's stored digests of one disk, checked against the manifest, as an open file
+        (the caller closes it) and the stream of its records, read as they are needed."""
         path = self.sums_path(vm, pd.image)
+        layout = checksum.Layout(pd.size, pd.block_size, pd.checksum, pd.sums_format)
         try:
-            sums = path.read_bytes()
+            f = open(path, "rb")
         except OSError as e:
             raise RepositoryError(f"cannot read checksums {path}: {e.strerror}",
                                   "run a full backup (--level full) to start a new chain") from e
-        want = checksum.block_count(pd.size, pd.block_size) * checksum.algorithm(pd.checksum).size
-        if pd.blkhash != checksum.digest_of(sums) or len(sums) != want:
+        try:
+            ok = layout.file_size_ok(os.fstat(f.fileno()).st_size) and layout.blkhash_of(f) == pd.blkhash
+        except OSError as e:
+            f.close()
+            raise RepositoryError(f"cannot read checksums {path}: {e.strerror}") from e
+        if not ok:
+            f.close()
             raise RepositoryError(f"checksums {path} do not match the manifest (corrupted?)",
                                   "run 'libvbackup verify', then a full backup")
-        return sums
+        f.seek(0)
+        return f, layout.records(f)
 
-    def commit_point(self, m: mf.Manifest, point: mf.Point, sums: dict[str, bytes]) -> None:
-        """Make a point whose images are complete in ``<chk>.partial/`` part of the repository,
+    def create_sums(self, directory: pathlib.Path, disk: str) -> BinaryIO:
+        """A new private sums file in a point's directory (the caller fsyncs and closes it)."""
+        path = self.sums_file(directory, disk)
+        try:
+            return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
+        except OSError as e:
+            raise RepositoryError(f"cannot create {path}: {e.strerror}") from e
+
+    def commit_point(self, m: mf.Manifest, point: mf.Point) -> None:
+        """Make a point whose files are complete in ``<chk>.partial/`` part of the repository,
         in the order that survives a power cut at any moment:
 
-        1. each ``.sums`` file written and fsynced (the images were fsynced by their writer);
+        1. each image and ``.sums`` file fsynced by its writer;
         2. ``<chk>.partial/`` fsynced: its entries are on disk;
         3. renamed to ``<chk>/``, then the VM directory fsynced: the rename is on disk;
         4. the manifest replaced atomically (temporary file fsynced, renamed, directory fsynced).
@@ -225,8 +230,6 @@ class Repository:
         """
         vm = m.vm
         partial = self.partial_dir(vm, point.checkpoint)
-        for disk, data in sums.items():
-            _write_new(self.sums_file(partial, disk), data)
         fsync_dir(partial)
         os.rename(partial, self.point_dir(vm, point.checkpoint))
         fsync_dir(self.vm_dir(vm))

@@ -8,11 +8,13 @@ its own sources and targets. The pipeline (``backup``) records, commits and clea
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Callable
 
 from . import checksum
 from .documents import Documents
+from .errors import RepositoryError
 from .manifest import Manifest
 from .plan import BackupPlan, PlannedDisk
 from .repo import Repository
@@ -47,15 +49,50 @@ class RunContext:
     def backing(self, d: PlannedDisk) -> str | None:
         return Repository.backing_name(d.backing) if d.backing else None
 
-    def hasher(self, d: PlannedDisk, size: int) -> checksum.BlockHasher:
-        """Digests of the new point: from nothing for a full image; an incremental starts
-        from its parent's (same block size and algorithm; a grown disk's new blocks are zero)."""
-        if d.full:
-            return checksum.BlockHasher(size)
-        pd = self.manifest.get(self.plan.parent).disks[d.name]
-        sums = self.repository.read_sums(self.plan.vm, pd)
-        return checksum.BlockHasher(size, parent_sums=sums, parent_size=pd.size, block=pd.block_size,
-                                    algorithm_name=pd.checksum)
+    def digests(self, d: PlannedDisk, size: int) -> "Digests":
+        """The new point's digests of one disk: from nothing for a full image; an incremental
+        streams its parent's (same block size and algorithm; a grown disk's new blocks are zero)."""
+        return Digests(self, d, size)
+
+
+class Digests:
+    """A disk's ``.sums`` in ``<chk>.partial/``, written as the block hasher (the copy's
+    observer) emits its records; the parent's records are read as they are needed."""
+
+    def __init__(self, ctx: RunContext, d: PlannedDisk, size: int):
+        self._parent_file = None
+        parent = parent_size = None
+        block, algo = checksum.BLOCK, checksum.DEFAULT
+        if not d.full:
+            pd = ctx.manifest.get(ctx.plan.parent).disks[d.name]
+            self._parent_file, parent = ctx.repository.open_sums(ctx.plan.vm, pd)
+            parent_size, block, algo = pd.size, pd.block_size, pd.checksum
+        try:
+            self._file = ctx.repository.create_sums(ctx.partial, d.name)
+        except BaseException:
+            self.close()
+            raise
+        self.layout = checksum.Layout(size, block, algo)
+        self._writer = checksum.SumsWriter(self._file, self.layout)
+        self.hasher = checksum.BlockHasher(size, parent=parent, parent_size=parent_size, block=block,
+                                           algorithm_name=algo, sink=self._writer.add)
+
+    def complete(self) -> str:
+        """After the copy: the last records written, the file on disk; returns the blkhash."""
+        try:
+            self.hasher.done()
+        except ValueError as e:
+            raise RepositoryError(f"the parent's checksums do not fit this disk: {e}") from e
+        blkhash = self._writer.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.close()
+        return blkhash
+
+    def close(self) -> None:
+        for f in (getattr(self, "_file", None), self._parent_file):
+            if f is not None:
+                f.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,4 +101,7 @@ class DiskResult:
     size: int
     bytes_copied: int
     bytes_zeroed: int
-    hasher: checksum.BlockHasher
+    blkhash: str
+    block: int
+    algorithm: str
+    sums_format: int = checksum.SPARSE

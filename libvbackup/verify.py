@@ -1,18 +1,24 @@
 """Verify a repository: every chain complete, every byte equal to what was backed up.
 
-For each point (or one), and each of its disks: every image of the chain must exist and
-point at the expected backing file; the stored block digests must match the manifest; and
-the chain, read again by the copy engine from qemu-nbd (into nothing, the block hasher
-watching), must give the same digests block by block.
+Each stored image is checked once, as a *layer*: it must exist and name the expected backing
+file; its point's digests must match the manifest; and the image's own layer, read by the copy
+engine (``qemu:allocation-depth``: only what this image holds, zero and unallocated ranges by
+their extents, data read and hashed), merged with the parent point's stored digests for the
+rest, must give exactly the point's stored digests, a merge of two sorted streams. By
+induction from the full image, a point is good when every layer of its chain is: verifying a
+whole repository costs about what reading its stored data once costs, not points x disk data.
+Memory holds a window of digests, whatever the disk size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Iterator
 
 from . import checksum, engine, nbdio, qemuimg
 from .errors import Error, NotFound
-from .manifest import Manifest, Point
+from .manifest import Manifest, Point, PointDisk
 from .repo import Repository
 from .results import VerifiedDisk, VerifiedPoint, VerifyResult
 
@@ -21,86 +27,147 @@ log = logging.getLogger(__name__)
 MAX_REPORTED = 10
 
 
-def _chain_images(m: Manifest, point: Point, disk: str) -> list[tuple[str, str | None]]:
-    """(image, expected backing) from the point's image down to its full image."""
-    out = []
-    pd = point.disks[disk]
-    image, backing = pd.image, pd.backing
-    seen = set()
-    while True:
-        out.append((image, backing))
-        if backing is None or backing in seen:
-            return out
-        seen.add(backing)
-        parent = next((p.disks[disk] for p in m.points if disk in p.disks and p.disks[disk].image == backing),
-                      None)
-        if parent is None:
-            out.append((backing, "?"))
-            return out
-        image, backing = parent.image, parent.backing
+@dataclasses.dataclass
+class _Layer:
+    problems: list[str]
+    bad_blocks: int = 0
 
 
-def verify_disk(repository: Repository, m: Manifest, point: Point, disk: str) -> VerifiedDisk:
-    problems: list[str] = []
-    bad: list[int] = []
-    vm = m.vm
-    for image, backing in _chain_images(m, point, disk):
-        path = repository.image(vm, image)
-        if backing == "?":
-            problems.append(f"image {image} belongs to no point of the manifest")
-            continue
+class _Compare:
+    """The stored records against the ones the hasher produces, both in block order."""
+
+    def __init__(self, stored: Iterator[checksum.Record], block: int):
+        self.stored = stored
+        self.block = block
+        self.next = next(stored, None)
+        self.bad: list[int] = []
+        self.count = 0
+
+    def _mismatch(self, index: int) -> None:
+        self.count += 1
+        if len(self.bad) < MAX_REPORTED:
+            self.bad.append(index * self.block)
+
+    def produced(self, index: int, digest: bytes) -> None:
+        while self.next is not None and self.next[0] < index:
+            self._mismatch(self.next[0])  # stored as data, reads as zeroes now
+            self.next = next(self.stored, None)
+        if self.next is not None and self.next[0] == index:
+            if self.next[1] != digest:
+                self._mismatch(index)
+            self.next = next(self.stored, None)
+        else:
+            self._mismatch(index)  # data now where the backup had zeroes
+
+    def finish(self) -> None:
+        while self.next is not None:
+            self._mismatch(self.next[0])
+            self.next = next(self.stored, None)
+
+
+class _Verifier:
+    def __init__(self, repository: Repository, m: Manifest):
+        self.repository = repository
+        self.m = m
+        self.owner = {d.image: (p, d) for p in m.points for d in p.disks.values()}
+        self.layers: dict[str, _Layer] = {}
+
+    def chain(self, pd: PointDisk) -> list[PointDisk | str]:
+        """The disk's images from the point's own down to its full image (a name when an image
+        belongs to no point)."""
+        out: list[PointDisk | str] = [pd]
+        seen = {pd.image}
+        while pd.backing is not None and pd.backing not in seen:
+            seen.add(pd.backing)
+            owner = self.owner.get(pd.backing)
+            if owner is None:
+                out.append(pd.backing)
+                break
+            pd = owner[1]
+            out.append(pd)
+        return out
+
+    def disk(self, pd: PointDisk) -> VerifiedDisk:
+        problems: list[str] = []
+        bad = 0
+        for i, layer in enumerate(self.chain(pd)):
+            if isinstance(layer, str):
+                problems.append(f"image {layer} belongs to no point of the manifest")
+                continue
+            result = self.layer(layer)
+            where = "" if i == 0 else f"in {layer.image}, below: "
+            problems += [where + p for p in result.problems]
+            bad += result.bad_blocks
+        return VerifiedDisk(not problems, tuple(problems), bad, pd.blkhash)
+
+    def layer(self, pd: PointDisk) -> _Layer:
+        if pd.image not in self.layers:
+            log.info("verifying %s", pd.image)
+            self.layers[pd.image] = self._check(pd)
+        return self.layers[pd.image]
+
+    def _check(self, pd: PointDisk) -> _Layer:
+        vm = self.m.vm
+        path = self.repository.image(vm, pd.image)
         if not path.is_file():
-            problems.append(f"image {path} is missing")
-            continue
+            return _Layer([f"image {path} is missing"])
         try:
             info = qemuimg.info(str(path))
         except Error as e:
-            problems.append(f"image {path} cannot be read: {e}")
-            continue
-        want = f"../{backing}" if backing else None
+            return _Layer([f"image {path} cannot be read: {e}"])
+        want = self.repository.backing_name(pd.backing) if pd.backing else None
         if info.get("backing-filename") != want:
-            problems.append(f"image {path} has backing file {info.get('backing-filename')!r}, expected {want!r}")
-    pd = point.disks[disk]
-    sums_path = repository.sums_path(vm, pd.image)
-    try:
-        expected = sums_path.read_bytes()
-    except OSError as e:
-        problems.append(f"checksums {sums_path} cannot be read: {e.strerror}")
-        expected = None
-    if expected is not None and checksum.digest_of(expected) != pd.blkhash:
-        problems.append(f"checksums {sums_path} do not match the manifest")
-        expected = None
-    if not problems and expected is not None:
+            return _Layer([f"image {path} has backing file {info.get('backing-filename')!r}, expected {want!r}"])
+        if info.get("virtual-size") != pd.size:
+            return _Layer([f"image size {info.get('virtual-size')} differs from the recorded {pd.size}"])
+        parent = self.owner[pd.backing][1] if pd.backing else None
+        files = []
         try:
-            with nbdio.image(str(repository.image(vm, pd.image))) as src:
-                if src.size != pd.size:
-                    problems.append(f"image size {src.size} differs from the recorded {pd.size}")
-                else:
-                    hasher = checksum.BlockHasher(pd.size, block=pd.block_size, algorithm_name=pd.checksum)
-                    engine.copy(src, engine.Discard(pd.size), observer=hasher)
+            try:
+                f, stored = self.repository.open_sums(vm, pd)
+            except Error as e:
+                return _Layer([e.message])
+            files.append(f)
+            parent_records = None
+            if parent is not None:
+                try:
+                    pf, parent_records = self.repository.open_sums(vm, parent)
+                except Error:
+                    return _Layer([f"cannot be checked: the checksums of {parent.image} are damaged"])
+                files.append(pf)
+            compare = _Compare(stored, pd.block_size)
+            hasher = checksum.BlockHasher(pd.size, parent=parent_records, parent_size=parent.size if parent else None,
+                                          block=pd.block_size, algorithm_name=pd.checksum, sink=compare.produced)
+            with nbdio.image(str(path), own_layer=parent is not None) as src:
+                engine.copy(src, engine.Discard(pd.size, reads_as_zero=parent is None), observer=hasher)
+            hasher.done()
+            compare.finish()
+        except ValueError as e:
+            return _Layer([f"checksums of {pd.image} are malformed: {e}"])
         except Error as e:
-            problems.append(f"reading the chain failed: {e}")
-        if not problems:
-            bad = hasher.algorithm.compare(expected, bytes(hasher.sums), pd.block_size)
-            if bad:
-                shown = ", ".join(str(o) for o in bad[:MAX_REPORTED])
-                problems.append(f"{len(bad)} block(s) of {pd.block_size} bytes differ from the backup, "
-                                f"at offsets {shown}{' …' if len(bad) > MAX_REPORTED else ''}")
-    return VerifiedDisk(not problems, tuple(problems), len(bad), pd.blkhash)
+            return _Layer([f"reading {path} failed: {e}"])
+        finally:
+            for f in files:
+                f.close()
+        if compare.count:
+            shown = ", ".join(str(o) for o in compare.bad)
+            return _Layer([f"{compare.count} block(s) of {pd.block_size} bytes differ from the backup, "
+                           f"at offsets {shown}{' …' if compare.count > len(compare.bad) else ''}"],
+                          compare.count)
+        return _Layer([])
 
 
 def verify(vm: str, *, repo: str, checkpoint: str | None = None) -> VerifyResult:
+    """Verify every point (or one point and the chain it needs) of ``vm``."""
     repository = Repository(repo)
     repository.check_readable()
     m = repository.load(vm)
     if not m.points:
         raise NotFound(f"repository {repository.root} holds no backups of VM {vm!r}")
-    points = [m.get(checkpoint)] if checkpoint else m.points
+    points: list[Point] = [m.get(checkpoint)] if checkpoint else m.points
+    v = _Verifier(repository, m)
     out = []
     for p in points:
-        disks = {}
-        for name in p.disks:
-            log.info("verifying %s/%s", p.checkpoint, name)
-            disks[name] = verify_disk(repository, m, p, name)
+        disks = {name: v.disk(pd) for name, pd in p.disks.items()}
         out.append(VerifiedPoint(p.checkpoint, all(d.ok for d in disks.values()), disks))
     return VerifyResult(vm, str(repository.root), all(p.ok for p in out), tuple(out))

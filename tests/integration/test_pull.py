@@ -189,4 +189,5 @@ def test_disks_with_other_cluster_sizes_and_odd_sizes(make_vm, repo, workdir):
         assert_restores(repo, vm.name, chk, expected, workdir, fmt="raw")
     assert_restores(repo, vm.name, "i2", models["i2"], workdir, fmt="qcow2")
     from libvbackup.verify import verify
-    assert verify(vm.name, repo=str(repo)).ok
+    r = verify(vm.name, repo=str(repo))
+    assert r.ok, [(p.checkpoint, n, d.problems) for p in r.points for n, d in p.disks.items() if not d.ok]

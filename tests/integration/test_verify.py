@@ -106,13 +106,15 @@ def test_missing_image_and_damaged_checksums(chain, repo):
 
 
 def _to_legacy(repo, vm_name, tmp_path) -> None:
-    """Rewrite the repository as libvbackup wrote it before XXH3: SHA-256 block digests, no
-    algorithm named in the manifest, manifest format 1."""
+    """Rewrite the repository as libvbackup wrote it before XXH3: dense SHA-256 block digests
+    (one for every block of the disk), no algorithm or sums format named in the manifest,
+    manifest format 1."""
     vmdir = repo / vm_name
     m = json.loads((vmdir / "manifest.json").read_text())
     for p in m["points"]:
         for name, d in p["disks"].items():
             assert d.pop("checksum") == "xxh3-128"
+            assert d.pop("sums_format") == 2
             raw = tmp_path / "point.raw"
             subprocess.run(["qemu-img", "convert", "-O", "raw", str(vmdir / d["image"]), str(raw)], check=True)
             data, block = raw.read_bytes(), d["block_size"]
@@ -133,6 +135,8 @@ def test_repository_with_sha256_checksums(chain, repo, tmp_path):
     pull(chain.name, repo=str(repo), checkpoint="next", incremental="diff")
     m = json.loads((repo / chain.name / "manifest.json").read_text())
     assert m["points"][-1]["disks"]["vda"]["checksum"] == "sha256"
+    assert m["points"][-1]["disks"]["vda"]["sums_format"] == 2  # the chain continues sparse
+    assert m["format"] == 3
     assert verify(chain.name, repo=str(repo)).ok
     image = repo / chain.name / "next" / "vda.qcow2"
     flip(image, data_cluster(image) + 99)
