@@ -53,11 +53,12 @@ class Observer(Protocol):
 
 
 
-def _ops(src: Source, target_is_zero: bool, max_request: int, granularity: int = 1) -> Iterator[extents.Op]:
+def _ops(src: Source, target_is_zero: bool, max_request: int, granularity: int = 1,
+         remember: bool = False) -> Iterator[extents.Op]:
     pos = 0
     while pos < src.size:
         end = min(src.size, pos + nbdio.STATUS_RANGE)
-        exts = src.extents(pos, end)
+        exts = src.extents(pos, end, remember)
         yield from extents.plan(exts, target_is_zero=target_is_zero, max_request=max_request,
                                 granularity=granularity)
         pos = exts[-1].end
@@ -66,7 +67,8 @@ def _ops(src: Source, target_is_zero: bool, max_request: int, granularity: int =
 def planned_bytes(src: Source, target) -> int:
     """How many bytes a copy into ``target`` will read or zero: a pass of block status only,
     O(1) memory. Gives progress a true total (the disk size would count holes and clean ranges)."""
-    return sum(op.length for op in _ops(src, target.reads_as_zero, extents.MAX_ZERO, target.granularity))
+    return sum(op.length for op in _ops(src, target.reads_as_zero, extents.MAX_ZERO, target.granularity,
+                                        remember=True))
 
 
 class _Buffers:
@@ -232,7 +234,10 @@ def _run(src: Source, wake: int, ops, target, observer, stats, progress, max_inf
             return
         if should_stop():
             raise CopyError("copy stopped")
-        src.step(wake)
+        if not done:
+            # (A synchronous block status runs libnbd's state machine too: replies to reads in
+            # flight may have completed during it, with nothing left on the socket to wake a poll.)
+            src.step(wake)
         while done:
             item, errno = done.popleft()
             if errno:

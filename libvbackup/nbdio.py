@@ -31,7 +31,13 @@ from .errors import CopyError
 
 log = logging.getLogger(__name__)
 
-STATUS_RANGE = 1 << 30  # block status is asked for at most this much at a time
+# Block status is asked for at most this much at a time: NBD lengths are 32-bit, and a multiple of
+# every block and cluster size in use (1 MiB) keeps extents aligned at the range boundaries. A
+# 16 TiB thin disk takes 4096 requests (1 GiB ranges took 16384: 1.6 s more per pass).
+STATUS_RANGE = (4 << 30) - (1 << 20)
+# Extents remembered between the pass that totals the work (progress) and the copy: at most this
+# many (a fragmented disk is asked again instead).
+REMEMBER = 1 << 16
 CONNECTIONS = 2  # to one export, when it offers multi-conn (measured: no gain from more)
 ALLOCATION_DEPTH = "qemu:allocation-depth"
 
@@ -55,9 +61,26 @@ class Source:
         self.size = self.handles[0].get_size()
         self._process = process  # a qemu-nbd of ours, reaped on close
         self._directory = directory
+        self._remembered: dict[tuple[int, int], list[extents.Extent]] = {}
+        self._remembered_count = 0
 
-    def extents(self, start: int, end: int) -> list[extents.Extent]:
-        """Merged extents of [start, end): allocation, and dirtiness when the source has it."""
+    def extents(self, start: int, end: int, remember: bool = False) -> list[extents.Extent]:
+        """Merged extents of [start, end): allocation, and dirtiness when the source has it.
+
+        ``remember``: keep the answer (within REMEMBER extents) for the next request of the
+        same range, which takes it: a source does not change while it is read.
+        """
+        got = self._remembered.pop((start, end), None)
+        if got is not None:
+            self._remembered_count -= len(got)
+            return got
+        got = self._ask(start, end)
+        if remember and self._remembered_count + len(got) <= REMEMBER:
+            self._remembered[(start, end)] = got
+            self._remembered_count += len(got)
+        return got
+
+    def _ask(self, start: int, end: int) -> list[extents.Extent]:
         h = self.handles[0]
         out: list[extents.Extent] = []
         pos = start

@@ -110,9 +110,9 @@ def test_incremental_copy_over_a_backing_image(tmp_path, max_request, block):
     qemu_io(new, "qcow2", *cmds)
     # The overlay plays the export; its dirty bitmap is the list above.
     class WithDirty(nbdio.Source):
-        def extents(self, start, end):
+        def extents(self, start, end, remember=False):
             out = []
-            for e in super().extents(start, end):
+            for e in super().extents(start, end, remember):
                 cuts = sorted({e.start, e.end, *(p for o, n in dirty for p in (o, o + n) if e.start < p < e.end)})
                 for a, b in zip(cuts, cuts[1:]):
                     is_dirty = any(o <= a < o + n for o, n in dirty)

@@ -439,9 +439,14 @@ def _split_at(runs, every: int) -> list[tuple[int, int, str]]:
     return out
 
 
-def test_block_status_is_asked_once_per_range_while_reading(tmp_path, servers):
-    """planned_bytes (a pass of block status only) and the copy each describe the disk once,
-    range after range; the copy asks for the next range lazily, after reads began."""
+@pytest.mark.parametrize("remember", [True, False])
+def test_block_status_is_asked_once_per_range_while_reading(tmp_path, servers, monkeypatch, remember):
+    """planned_bytes (a pass of block status only) describes the disk once, range after range.
+    The copy then takes the extents remembered from that pass and asks nothing again; when
+    they were too many to remember (nbdio.REMEMBER), it asks for each range once more, lazily,
+    after reads began."""
+    if not remember:
+        monkeypatch.setattr(nbdio, "REMEMBER", 0)
     rng = random.Random(3)
     lay = full_layout(SIZE, rng)
     raw = tmp_path / "src.raw"
@@ -459,8 +464,13 @@ def test_block_status_is_asked_once_per_range_while_reading(tmp_path, servers):
     log = srv.stop()
     assert planned == sum(e - s for s, e in lay.ranges(DATA))
     status = log.of("Extents")
-    assert n_planning == len(status) // 2 == -(-SIZE // STATUS)
+    assert n_planning == -(-SIZE // STATUS)
     check_block_status(status[:n_planning], SIZE)
+    if remember:
+        assert len(status) == n_planning
+        assert sum(r.count for r in log.reads()) == planned
+        return
+    assert len(status) == 2 * n_planning
     check_block_status(status[n_planning:], SIZE)
     first_read = log.requests.index(log.reads()[0])
     assert log.requests.index(status[n_planning]) < first_read
@@ -509,7 +519,7 @@ class WithDirty(nbdio.Source):
 
     dirty_ranges: list[tuple[int, int]] = []
 
-    def extents(self, start, end):
+    def extents(self, start, end, remember=False):
         out = []
         for e in super().extents(start, end):
             cuts = sorted({e.start, e.end, *(p for s, t in self.dirty_ranges for p in (s, t) if e.start < p < e.end)})
