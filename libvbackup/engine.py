@@ -26,7 +26,7 @@ from .nbdio import Source
 # Measured on a libvirt pull export (scripts/bench and the same export copied A/B): 1 MiB x 16
 # in flight per connection, 2 connections, 2 writer threads; nbdcopy's 256 KiB x 64, 4
 # connections or more writers were no faster here, within the noise.
-REQUEST_SIZE = 1 << 20
+REQUEST_SIZE = 1 << 20  # unless the source prefers another (Source.request_size)
 MAX_INFLIGHT = 16
 WRITERS = 2  # threads writing (and hashing) completed reads
 
@@ -128,7 +128,7 @@ def copy(
     *,
     observer: Observer | None = None,
     progress: ProgressFn | None = None,
-    max_request: int = REQUEST_SIZE,
+    max_request: int | None = None,
     max_inflight: int = MAX_INFLIGHT,
     writers: int = WRITERS,
     should_stop: Callable[[], bool] = lambda: False,
@@ -147,6 +147,7 @@ def copy(
     if target.size < src.size:
         raise CopyError(f"target image is smaller ({target.size}) than the source ({src.size})")
     stats = CopyStats()
+    max_request = max_request or src.request_size or REQUEST_SIZE
     ops = _ops(src, target.reads_as_zero, max_request, target.granularity)
     if observer is not None:
         ops = _with_rereads(ops, observer)

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # every block and cluster size in use (1 MiB) keeps extents aligned at the range boundaries. A
 # 16 TiB thin disk takes 4096 requests (1 GiB ranges took 16384: 1.6 s more per pass).
 STATUS_RANGE = (4 << 30) - (1 << 20)
+# Reads from a qemu-nbd of ours (an image on the host's storage): 512 KiB x 16 per connection
+# read 1 GiB from tmpfs in 0.60-0.71 s here, 1 MiB in 1.0-1.4 s, 256 KiB in 0.86-0.95 s
+# (three alternating runs each); nbdcopy took 0.58-0.67 s.
+IMAGE_REQUEST_SIZE = 512 << 10
 # Extents remembered between the pass that totals the work (progress) and the copy: at most this
 # many (a fragmented disk is asked again instead).
 REMEMBER = 1 << 16
@@ -54,8 +58,10 @@ class Source:
     """
 
     def __init__(self, handles: Sequence["nbd.NBD"], name: str, dirty: str | None = None,
-                 process: "subprocess.Popen | None" = None, directory: str | None = None):
+                 process: "subprocess.Popen | None" = None, directory: str | None = None,
+                 request_size: int | None = None):
         self.handles = list(handles)
+        self.request_size = request_size  # the read size that suits this server (None: the engine's)
         self.name = name
         self.dirty = dirty
         self.size = self.handles[0].get_size()
@@ -259,7 +265,7 @@ def image(path: str, fmt: str = "qcow2", own_layer: bool = False, connections: i
         Source(handles, path, process=server, directory=directory).close() if handles else _stop(server, directory)
         raise
     return Source(handles, f"image {path}", ALLOCATION_DEPTH if own_layer else None, process=server,
-                  directory=directory)
+                  directory=directory, request_size=IMAGE_REQUEST_SIZE)
 
 
 def _exited(server: "subprocess.Popen") -> bool:
