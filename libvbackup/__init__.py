@@ -18,6 +18,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``progress``    progress lines and counters
 - ``signals``     SIGINT/SIGTERM around a run, the umask
 - ``nbdio``       the only module that imports ``nbd``: ``Source``, the one source interface
+- ``imagefile``   a qcow2 image's own layer read from its file (``qemu-img map`` + pread)
 - ``engine``      the copy engine: a source into a target, an observer watching
 - ``parallel``    several copies at once, a watchdog, the first failure stops all
 - ``virt``        the only module that imports ``libvirt``

@@ -74,8 +74,9 @@ def planned_bytes(src: Source, target) -> int:
 class _Buffers:
     """Read buffers of ``size`` bytes, reused; libnbd reads into them without a copy."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, wrap):
         self.size = size
+        self.wrap = wrap  # the source's buffer type (libnbd reads into an nbd.Buffer)
         self.free: list[tuple[bytearray, memoryview]] = []
 
     def get(self, length: int):
@@ -84,7 +85,7 @@ class _Buffers:
         else:
             ba = bytearray(self.size)
             mv = memoryview(ba)
-        return ba, mv, Source.buffer(mv[:length])
+        return ba, mv, self.wrap(mv[:length])
 
     def put(self, ba: bytearray, mv: memoryview) -> None:
         self.free.append((ba, mv))
@@ -159,7 +160,8 @@ def copy(
     for t in threads:
         t.start()
     # One set of buffers for both passes; re-reads need a whole observer block.
-    buffers = _Buffers(max(max_request, observer.block if observer is not None else 0))
+    buffers = _Buffers(max(max_request, observer.block if observer is not None else 0), src.buffer)
+    src.bind(wake)
     try:
         _run(src, wake, ops, target, observer, stats, progress, max_inflight, should_stop, work, finished, buffers)
         if observer is not None:

@@ -15,6 +15,7 @@ connection read 1 GiB from tmpfs in 2.0-2.6 s here, two in 1.1-1.3 s, nbdcopy in
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -125,6 +126,9 @@ class Source:
             h.aio_pread(buf, offset, cb)
         except nbd.Error as e:
             raise _err(f"queueing a read of {self.name} at offset {offset} failed", e) from e
+
+    def bind(self, wake_fd: int) -> None:
+        """The engine's wake-up fd (sources that complete reads in threads signal it)."""
 
     @staticmethod
     def buffer(view: memoryview) -> "nbd.Buffer":
@@ -254,9 +258,19 @@ def image(path: str, fmt: str = "qcow2", own_layer: bool = False, connections: i
             except OSError as e:
                 raise CopyError(f"cannot run qemu-nbd: {e.strerror}", "run scripts/setup") from e
         _wait_for_socket(server, sock, path, os.path.join(directory, "stderr"))
+        deadline = time.monotonic() + SERVER_START
         for i in range(connections):
             try:
-                handles.append(_connect_unix(sock, "", contexts, i))
+                while True:
+                    try:
+                        handles.append(_connect_unix(sock, "", contexts, i))
+                        break
+                    except CopyError as e:
+                        # The socket exists from bind() on; connections are refused until listen().
+                        refused = isinstance(e.__cause__, nbd.Error) and e.__cause__.errnum == errno.ECONNREFUSED
+                        if not refused or server.poll() is not None or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.002)
             except CopyError:
                 if _exited(server):  # qemu-nbd refused the image: say why, in its words
                     raise _server_error(path, os.path.join(directory, "stderr")) from None

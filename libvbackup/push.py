@@ -6,8 +6,8 @@ private repository; an incremental target already carries its final relative bac
 REUSE_EXTERNAL, which libvirt 9.0 needs, as it would otherwise point an incremental target at
 the live disk). When the job succeeded, each image is moved into ``<chk>.partial/`` (root,
 0600), where its backing file resolves, and its digests are computed by the engine from the
-image's own layer (``qemu:allocation-depth``): data and zero clusters are read or noted, the
-rest keeps the parent's digests. Its fsync overlaps that pass.
+image's own layer, read from the file (``imagefile``): data and zero clusters are read or
+noted, the rest keeps the parent's digests. Its fsync overlaps that pass.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pathlib
 import threading
 import time
 
-from . import engine, nbdio, parallel, qemuimg, scratch
+from . import engine, imagefile, parallel, qemuimg, scratch
 from .errors import CopyError, RepositoryError
 from .progress import Progress
 from .transport import DiskResult, RunContext
@@ -49,7 +49,7 @@ def run(ctx: RunContext) -> list[DiskResult]:
             image = ctx.image(d.name)
             _move_private(docs.push_target(d.name), image)
             syncs.append(_Fsync(image))
-            src = opened.enter_context(nbdio.image(str(image), own_layer=not d.full))
+            src = opened.enter_context(imagefile.FileSource(str(image), sizes[d.name], own_layer=not d.full))
             sums[d.name] = opened.enter_context(contextlib.closing(ctx.digests(d, sizes[d.name])))
             jobs.append(parallel.Job(d.name, src, engine.Discard(sizes[d.name], reads_as_zero=d.full),
                                      sums[d.name].hasher))

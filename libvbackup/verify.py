@@ -2,9 +2,9 @@
 
 Each stored image is checked once, as a *layer*: it must exist and name the expected backing
 file; its point's digests must match the manifest; and the image's own layer, read by the copy
-engine (``qemu:allocation-depth``: only what this image holds, zero and unallocated ranges by
-their extents, data read and hashed), merged with the parent point's stored digests for the
-rest, must give exactly the point's stored digests, a merge of two sorted streams. By
+engine straight from the file (``imagefile``: only what this image holds, zero and unallocated
+ranges by their extents, data read and hashed), merged with the parent point's stored digests
+for the rest, must give exactly the point's stored digests, a merge of two sorted streams. By
 induction from the full image, a point is good when every layer of its chain is: verifying a
 whole repository costs about what reading its stored data once costs, not points x disk data.
 Memory holds a window of digests, whatever the disk size.
@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from typing import Iterator
 
-from . import checksum, engine, nbdio, qemuimg
+from . import checksum, engine, imagefile, qemuimg
 from .errors import Error, NotFound
 from .manifest import Manifest, Point, PointDisk
 from .repo import Repository
@@ -138,7 +138,7 @@ class _Verifier:
             compare = _Compare(stored, pd.block_size)
             hasher = checksum.BlockHasher(pd.size, parent=parent_records, parent_size=parent.size if parent else None,
                                           block=pd.block_size, algorithm_name=pd.checksum, sink=compare.produced)
-            with nbdio.image(str(path), own_layer=parent is not None) as src:
+            with imagefile.FileSource(str(path), pd.size, own_layer=parent is not None) as src:
                 engine.copy(src, engine.Discard(pd.size, reads_as_zero=parent is None), observer=hasher)
             hasher.done()
             compare.finish()

@@ -6,6 +6,16 @@ Push: `libvbackup push` against libvirt's own push job (`virsh backup-begin` of 
 All backups are durable when the command returns (flushed), like nbdcopy --flush and
 qemu-img convert. Printed: medians of wall time and peak RSS, the ratios, and the storage
 that held the repository and the hand pipelines' outputs (--repo-dir).
+
+Big (--modes big): cost follows the data, not the disk size. Two VMs, one with a thin 16 TiB
+qcow2 disk (--big-tib) and one with a 4 GiB disk, hold the same 9 MiB at the same offsets; full
+pull, incremental pull after 1 MiB changed, verify of the repository and restore to qcow2 are
+run on both, alternating, and compared (16 TiB / 4 GiB), with each command's peak RSS and the
+repository's size on disk (du) against the data copied.
+Chain (--modes chain): verify follows the stored data, not points x disk data. A 512 MiB disk
+with 256 MiB of random data, 1 full + 59 incrementals (1 MiB changed before each, taken
+in-process); then `libvbackup verify` of all 60 points against `libvbackup restore` of the
+60th point to raw, which reads the chain's data once.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from tests import lab  # noqa: E402
 
 MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
 CLI = str(pathlib.Path(sys.executable).parent / "libvbackup")
 
 
@@ -167,12 +179,192 @@ def qemu_ids() -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
+def repo_usage(repo: pathlib.Path, vm: str) -> tuple[int, int, int]:
+    """Bytes on disk of the VM's part of the repository (du), bytes copied into it by all its
+    points (as `libvbackup list --json` reports them), and the number of points."""
+    du = subprocess.run(["du", "-sB1", str(repo / vm)], capture_output=True, text=True, check=True)
+    p = subprocess.run([CLI, "list", vm, "--repo", str(repo), "--json"], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"bench: libvbackup list {vm} failed ({p.returncode}): {p.stderr[-500:]}")
+    points = json.loads(p.stdout)["points"]
+    copied = sum(d["bytes_copied"] for pt in points for d in pt["disks"].values())
+    return int(du.stdout.split()[0]), copied, len(points)
+
+
+def alternate(r: int, pairs, add) -> None:
+    """A B C in even rounds, C B A in odd ones: whatever the previous command leaves behind
+    (write-back, discards of deleted files) is not charged to one side."""
+    for key, run in pairs if r % 2 == 0 else pairs[::-1]:
+        add(key, run())
+
+
+def destroy_vm(vm) -> None:
+    """vm.destroy(), then make sure that the domain is gone: lab.remove_domain ignores its errors,
+    and once a domain stayed defined (shut off) after its QEMU took 2 s to stop on SIGTERM."""
+    try:
+        vm.destroy()
+    finally:
+        conn = lab.ensure_libvirtd()
+        try:
+            for _ in range(50):
+                try:
+                    conn.lookupByName(vm.name)
+                except lab.libvirt.libvirtError:
+                    return
+                time.sleep(0.2)
+                lab.remove_domain(conn, vm.name)
+            print(f"bench: could not remove the domain {vm.name}", file=sys.stderr)
+        finally:
+            conn.close()
+
+
+def delete_checkpoints(vm) -> None:
+    for c in vm.checkpoints():
+        vm.dom.checkpointLookupByName(c).delete(0)
+
+
+# The same data on both disks of the big mode, at the same offsets below 4 GiB: 9 MiB in four
+# pieces, two of them unaligned; then 1 MiB changed in four places for the incremental.
+BIG_PIECES = ((0, 1 * MiB), (3 * MiB + 17, 2 * MiB), (GiB + 512, 3 * MiB), (3 * GiB + 5 * MiB, 3 * MiB))
+BIG_DIRTY = ((512 << 10, 256 << 10), (GiB + MiB, 256 << 10), (2 * GiB + 4097, 256 << 10),
+             (4 * GiB - (256 << 10), 256 << 10))
+BIG_COMMANDS = (("full", "full pull"), ("inc", "incremental pull, 1 MiB changed"),
+                ("verify", "verify (whole repository)"), ("restore", "restore to qcow2"))
+
+
+def bench_big(args, work: pathlib.Path, opts: dict, rng: random.Random, add, log) -> dict:
+    """Full pull, incremental, verify and restore of a thin big disk against a 4 GiB one that
+    holds the same data. One VM per disk, so that every command (verify has no --disk) sees
+    one disk."""
+    sizes = {"big": args.big_tib * TiB, "small": 4 * GiB}
+    pieces = [(off, rng.randbytes(n)) for off, n in BIG_PIECES]
+    vms = {}
+    usage: dict[str, list] = {"big": [], "small": []}
+    try:
+        for key, size in sizes.items():
+            vm = lab.LabVM([(size, "qcow2")], name=f"lvb-bench-{key}", track=False)
+            lab.remove_domain(vm.conn, vm.name)  # one left by an interrupted run
+            vms[key] = vm
+            vm.create_images()
+            cmds = []
+            for i, (off, data) in enumerate(pieces):
+                f = vm.workdir / f"piece{i}.bin"
+                f.write_bytes(data)
+                cmds += ["-c", f"write -s {f} {off} {len(data)}"]
+            subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(vm.disks[0].path)], check=True, capture_output=True)
+            for f in vm.workdir.glob("piece*.bin"):
+                f.unlink()
+            vm.start(images_ready=True)
+        log(f"bench: big: {sum(len(d) for _, d in pieces) / MiB:.0f} MiB on a {args.big_tib} TiB and a 4 GiB disk")
+        for r in range(args.rounds):
+            log(f"bench: big: round {r + 1}/{args.rounds}")
+            repos = {k: work / f"big-{k}-{r}" for k in vms}
+            for repo in repos.values():
+                repo.mkdir(mode=0o700)
+            outs = {k: work / f"big-restore-{k}" for k in vms}
+
+            def pull(k):
+                return [CLI, "pull", vms[k].name, "--repo", str(repos[k]), *opts["pull"]]
+
+            def each(command, argv):
+                # bind k now: the lambdas run inside alternate()
+                return [(f"big_{command}_{k}", (lambda k=k: timed(argv(k)))) for k in vms]
+
+            alternate(r, each("full", lambda k: pull(k) + ["--checkpoint", f"f{r}"]), add)
+            for off, n in BIG_DIRTY:
+                data = rng.randbytes(n)
+                for vm in vms.values():
+                    vm.disks[0].write(off, data)
+            alternate(r, each("inc", lambda k: pull(k) + ["--checkpoint", f"i{r}", "--level", "inc"]), add)
+            for k in vms:
+                usage[k].append(repo_usage(repos[k], vms[k].name))
+            alternate(r, each("verify", lambda k: [CLI, "verify", vms[k].name, "--repo", str(repos[k])]), add)
+            alternate(r, each("restore", lambda k: [CLI, "restore", vms[k].name, "--repo", str(repos[k]),
+                                                    "--checkpoint", f"i{r}", "--output", str(outs[k]),
+                                                    "--format", "qcow2", "--progress", "none"]), add)
+            for k in vms:
+                image = outs[k] / "vda.qcow2"
+                info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
+                                                 capture_output=True, text=True, check=True).stdout)
+                if info["virtual-size"] != sizes[k]:
+                    raise SystemExit(f"bench: restored {image} is {info['virtual-size']} bytes, not {sizes[k]}")
+                shutil.rmtree(outs[k])
+                shutil.rmtree(repos[k])
+                delete_checkpoints(vms[k])
+    finally:
+        errors = []
+        for vm in vms.values():
+            try:
+                destroy_vm(vm)
+            except Exception as e:  # the other VM goes too
+                errors.append(e)
+        if errors:
+            raise errors[0]
+    stored = {k: max(u[0] for u in v) for k, v in usage.items()}
+    copied = {k: max(u[1] for u in v) for k, v in usage.items()}
+    points = {k: v[0][2] for k, v in usage.items()}
+    return {"disk_bytes": sizes, "data_bytes": sum(len(d) for _, d in pieces),
+            "dirty_bytes": sum(n for _, n in BIG_DIRTY),
+            "repo_bytes_on_disk": stored, "repo_bytes_copied": copied, "points": points}
+
+
+def bench_chain(args, work: pathlib.Path, scratch: pathlib.Path, rng: random.Random, add, log) -> dict:
+    """verify of a 60-point chain against restore of its newest point (which reads the chain's
+    data once). The chain is made in-process: only the measured commands are the CLI."""
+    from libvbackup.backup import pull  # noqa: PLC0415 (only this mode needs the library itself)
+
+    disk_mib, data_mib, points = 512, 256, args.chain_points
+    vm = lab.LabVM([(disk_mib * MiB, "qcow2")], name="lvb-bench-chain", track=False)
+    lab.remove_domain(vm.conn, vm.name)
+    repo = work / "chain"
+    repo.mkdir(mode=0o700)
+    out = work / "chain-restore"
+    try:
+        vm.create_images()
+        populate(vm.disks[0].path, data_mib, disk_mib, rng)
+        vm.start(images_ready=True)
+        log(f"bench: chain: {data_mib} MiB of random data on a {disk_mib} MiB disk, 1 full + {points - 1} "
+            f"incrementals (1 MiB changed before each)")
+        t = time.perf_counter()
+        pull(vm.name, repo=str(repo), checkpoint="c00", scratch_dir=str(scratch))
+        each = 256 << 10
+        for i in range(1, points):
+            for slot in rng.sample(range(disk_mib * MiB // each), 4):
+                vm.disks[0].write(slot * each, rng.randbytes(each))
+            pull(vm.name, repo=str(repo), checkpoint=f"c{i:02d}", level="inc", scratch_dir=str(scratch))
+        setup = time.perf_counter() - t
+        stored, copied, n = repo_usage(repo, vm.name)
+        if n != points:
+            raise SystemExit(f"bench: chain: {n} points in the repository, expected {points}")
+        log(f"bench: chain: made in {setup:.1f} s; {copied / MiB:.1f} MiB copied, {stored / MiB:.1f} MiB on disk")
+        newest = f"c{points - 1:02d}"
+        for r in range(args.rounds):
+            log(f"bench: chain: round {r + 1}/{args.rounds}")
+            alternate(r, [
+                ("chain_verify", lambda: timed([CLI, "verify", vm.name, "--repo", str(repo)])),
+                ("chain_restore_raw", lambda: timed([CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint",
+                                                     newest, "--output", str(out), "--format", "raw",
+                                                     "--progress", "none"])),
+            ], add)
+            if (out / "vda.raw").stat().st_size != disk_mib * MiB:
+                raise SystemExit(f"bench: chain: {out / 'vda.raw'} has the wrong size")
+            shutil.rmtree(out)
+    finally:
+        destroy_vm(vm)
+    return {"disk_bytes": disk_mib * MiB, "data_bytes": data_mib * MiB, "points": points,
+            "setup_seconds": setup, "repo_bytes_on_disk": stored, "repo_bytes_copied": copied}
+
+
 GOALS = {  # README, section Performance
     "full_vs_best_hand": 1.10,
     "inc_cost_per_dirty_byte_vs_full_per_data_byte": 1.5,
     "restore_vs_qemu_img": 1.10,
     "push_full_vs_libvirt_job": 1.5,
+    **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
+BIG_RSS_GOAL_MIB = 256
+MODES = ("pull", "push", "big", "chain")
+DEFAULT_MODES = ("pull", "push")
 
 
 def reachable_by_qemu(path: pathlib.Path) -> None:
@@ -180,6 +372,39 @@ def reachable_by_qemu(path: pathlib.Path) -> None:
     for d in [path, *path.parents]:
         if not os.stat(d).st_mode & 0o001:
             raise SystemExit(f"bench: {d} is not searchable by others (o+x); QEMU's user must reach {path}")
+
+
+def print_big(args, big: dict, med: dict, rss: dict, ratios: dict) -> None:
+    tib = f"{args.big_tib} TiB"
+    print(f"big: {big['data_bytes'] / MiB:.0f} MiB of data at the same offsets on a thin {tib} and a 4 GiB qcow2 "
+          f"disk (one VM each), {big['dirty_bytes'] / MiB:.0f} MiB changed for the incremental")
+    print(f"  {'command':<34} {tib:>9} {'4 GiB':>9}  {'ratio':>5} (goal <= 3)   peak RSS {tib} / 4 GiB "
+          f"(goal < {BIG_RSS_GOAL_MIB} MiB)")
+    for c, label in BIG_COMMANDS:
+        b, s = f"big_{c}_big", f"big_{c}_small"
+        flag = "" if ratios[f"big_{c}_vs_small"] <= 3 else "  ratio over goal"
+        if max(rss[b], rss[s]) / 1024 >= BIG_RSS_GOAL_MIB:
+            flag += "  RSS over goal"
+        print(f"  {label:<34} {med[b]:7.3f} s {med[s]:7.3f} s  {ratios[f'big_{c}_vs_small']:5.2f}"
+              f"{'':14}{rss[b] / 1024:6.1f} / {rss[s] / 1024:5.1f} MiB{flag}")
+    print("  repository on disk (du) against the data copied (goal: <= copied + 1 MiB per point):")
+    for k, label in (("big", tib), ("small", "4 GiB")):
+        stored, copied, n = big["repo_bytes_on_disk"][k], big["repo_bytes_copied"][k], big["points"][k]
+        limit = copied + n * MiB
+        print(f"    {label:<7} {stored / MiB:7.2f} MiB on disk for {copied / MiB:6.2f} MiB copied in {n} points "
+              f"(limit {limit / MiB:.2f} MiB){'' if stored <= limit else '  over goal'}")
+
+
+def print_chain(chain: dict, med: dict, rss: dict, ratios: dict) -> None:
+    n = chain["points"]
+    print(f"chain: {chain['data_bytes'] / MiB:.0f} MiB of random data on a {chain['disk_bytes'] / MiB:.0f} MiB qcow2 "
+          f"disk, 1 full + {n - 1} incrementals (made in-process in {chain['setup_seconds']:.1f} s); repository "
+          f"{chain['repo_bytes_on_disk'] / MiB:.1f} MiB on disk, {chain['repo_bytes_copied'] / MiB:.1f} MiB copied")
+    print(f"  {'verify, all ' + str(n) + ' points':<34} {med['chain_verify']:8.3f} s   "
+          f"peak RSS {rss['chain_verify'] / 1024:6.1f} MiB")
+    print(f"  {'restore of point ' + str(n) + ' to raw':<34} {med['chain_restore_raw']:8.3f} s   "
+          f"peak RSS {rss['chain_restore_raw'] / 1024:6.1f} MiB")
+    print(f"  {'verify / restore':<34} {ratios['chain_verify_vs_restore']:8.2f}     goal: about 1")
 
 
 def main() -> int:
@@ -191,12 +416,19 @@ def main() -> int:
                     help="where the repositories and the hand pipelines' outputs go, in a new lvb-bench-* "
                          "directory (DIR is created if missing, and then removed); /dev/shm/... takes the disk "
                          "out [default: /var/tmp]")
-    ap.add_argument("--modes", default="pull,push", help="comma-separated: pull, push [default: pull,push]")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help=f"comma-separated: {', '.join(MODES)} [default: {','.join(DEFAULT_MODES)}]; big: a thin "
+                         "16 TiB disk against a 4 GiB one with the same data; chain: verify of a 60-point chain "
+                         "against restore of its newest point")
+    ap.add_argument("--big-tib", type=int, default=16, help="size of the big mode's thin disk [default: 16]")
+    ap.add_argument("--chain-points", type=int, default=60, help="points of the chain mode [default: 60]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     modes = set(args.modes.split(","))
-    if not modes or modes - {"pull", "push"}:
-        ap.error("--modes takes pull, push or pull,push")
+    if not modes or modes - set(MODES):
+        ap.error(f"--modes takes a comma-separated list of {', '.join(MODES)}")
+    if args.big_tib < 1 or args.chain_points < 2:
+        ap.error("--big-tib must be at least 1 and --chain-points at least 2")
     rng = random.Random(42)
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
@@ -208,19 +440,16 @@ def main() -> int:
     work = None
     res: dict[str, list] = {}
     dirty_bytes = push_dirty_bytes = 0
+    big = chain = None
 
     def add(key, value):
         res.setdefault(key, []).append(value)
 
-    def alternate(r, pairs):
-        # A B C in even rounds, C B A in odd ones: whatever the previous command leaves
-        # behind (write-back, discards of deleted files) is not charged to one side.
-        for key, run in pairs if r % 2 == 0 else pairs[::-1]:
-            add(key, run())
-
-    # The VM's own disk stays in /var/tmp whatever --repo-dir says: only the outputs move.
-    vm = lab.LabVM([(args.disk_mib * MiB, "qcow2")], name="lvb-bench", track=False)
-    lab.remove_domain(vm.conn, vm.name)
+    # The VMs' own disks stay in /var/tmp whatever --repo-dir says: only the outputs move.
+    vm = None
+    if modes & {"pull", "push"}:
+        vm = lab.LabVM([(args.disk_mib * MiB, "qcow2")], name="lvb-bench", track=False)
+        lab.remove_domain(vm.conn, vm.name)
     try:
         reachable_by_qemu(base)
         work = pathlib.Path(tempfile.mkdtemp(prefix="lvb-bench-", dir=base))
@@ -234,13 +463,14 @@ def main() -> int:
             helptext = cli_options(command)
             opts[command] = ((["--progress", "none"] if "--progress" in helptext else [])
                              + (["--scratch-dir", str(scratch)] if "--scratch-dir" in helptext else []))
-        where = {"repo": storage(work), "vm_disk": storage(vm.workdir)}
-        vm.create_images()
-        log(f"bench: writing {args.data_mib} MiB of random data into a {args.disk_mib} MiB disk")
-        populate(vm.disks[0].path, args.data_mib, args.disk_mib, rng)
-        vm.start(images_ready=True)
+        where = {"repo": storage(work), "vm_disk": storage(vm.workdir if vm else pathlib.Path("/var/tmp"))}
         log(f"bench: outputs in {work} ({where['repo']['fstype']} {where['repo']['device']})")
-        for r in range(args.rounds):
+        if vm is not None:
+            vm.create_images()
+            log(f"bench: writing {args.data_mib} MiB of random data into a {args.disk_mib} MiB disk")
+            populate(vm.disks[0].path, args.data_mib, args.disk_mib, rng)
+            vm.start(images_ready=True)
+        for r in range(args.rounds if vm is not None else 0):
             log(f"bench: round {r + 1}/{args.rounds}")
             if "pull" in modes:
                 repo = work / f"repo{r}"
@@ -250,7 +480,7 @@ def main() -> int:
                     ("full_libvbackup", lambda: timed(pull + ["--checkpoint", f"b{r}-full"])),
                     ("full_nbdcopy", lambda: hand_pipeline(vm, work, "nbdcopy")),
                     ("full_qemu_img", lambda: hand_pipeline(vm, work, "qemu-img")),
-                ])
+                ], add)
                 add("inc_empty", timed(pull + ["--checkpoint", f"b{r}-i0", "--incremental", f"b{r}-full"]))
                 dirty_bytes = dirty(vm, args.disk_mib, rng)
                 add("inc_1pct", timed(pull + ["--checkpoint", f"b{r}-i1", "--incremental", f"b{r}-i0"]))
@@ -261,7 +491,7 @@ def main() -> int:
                                                           f"b{r}-i1", "--output", str(out), "--progress", "none"])),
                     ("restore_qemu_img", lambda: timed(["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O",
                                                         "qcow2", str(top), str(work / "ref.qcow2")])),
-                ])
+                ], add)
                 shutil.rmtree(out)
                 (work / "ref.qcow2").unlink()
                 shutil.rmtree(repo)
@@ -273,7 +503,7 @@ def main() -> int:
                 alternate(r, [
                     ("push_full_libvbackup", lambda: timed(push)),
                     ("push_full_libvirt", lambda: hand_push(vm, work)),
-                ])
+                ], add)
                 made = sorted(set(vm.checkpoints()) - before)
                 if len(made) != 1:
                     raise SystemExit(f"bench: expected one new checkpoint from the full push, found {made}")
@@ -282,12 +512,19 @@ def main() -> int:
                 alternate(r, [
                     ("push_inc_libvbackup", lambda: timed(push + ["--level", "inc"])),
                     ("push_inc_libvirt", lambda: hand_push(vm, work, incremental=made[0])),
-                ])
+                ], add)
                 shutil.rmtree(repo)
-            for c in vm.checkpoints():
-                vm.dom.checkpointLookupByName(c).delete(0)
+            delete_checkpoints(vm)
+        if vm is not None:  # its VM is not needed by the other modes: it goes now
+            destroy_vm(vm)
+            vm = None
+        if "big" in modes:
+            big = bench_big(args, work, opts, rng, add, log)
+        if "chain" in modes:
+            chain = bench_chain(args, work, scratch, rng, add, log)
     finally:
-        vm.destroy()
+        if vm is not None:
+            destroy_vm(vm)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         if made_base:
@@ -313,6 +550,10 @@ def main() -> int:
             "push_full_vs_libvirt_job": med["push_full_libvbackup"] / med["push_full_libvirt"],
             "push_inc_vs_libvirt_job": med["push_inc_libvbackup"] / med["push_inc_libvirt"],
         })
+    if big is not None:
+        ratios.update({f"big_{c}_vs_small": med[f"big_{c}_big"] / med[f"big_{c}_small"] for c, _ in BIG_COMMANDS})
+    if chain is not None:
+        ratios["chain_verify_vs_restore"] = med["chain_verify"] / med["chain_restore_raw"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {platform.release()}",
@@ -322,20 +563,33 @@ def main() -> int:
         "median_seconds": med, "peak_rss_kib": rss, "ratios": ratios,
         "goals": {k: v for k, v in GOALS.items() if k in ratios},
     }
+    if big is not None:
+        report["big"] = {**big, "peak_rss_goal_mib": BIG_RSS_GOAL_MIB,
+                         "repo_goal": "bytes on disk <= bytes copied + 1 MiB per point"}
+    if chain is not None:
+        report["chain"] = {**chain, "goal": "chain_verify_vs_restore about 1"}
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
         return 0
     print(f"libvbackup benchmark, {report['date']}, {report['machine']}")
-    print(f"{args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 disk, {args.rounds} rounds, medians")
-    for role, label in (("repo", "repository and hand outputs"), ("vm_disk", "VM disk (source)")):
+    print(f"modes {','.join(m for m in MODES if m in modes)}, {args.rounds} rounds, medians")
+    for role, label in (("repo", "repository and hand outputs"), ("vm_disk", "VM disks (source)")):
         st = where[role]
         print(f"  {label}: {st['dir']} on {st['fstype']} {st['device']} (mounted on {st['mount']})")
-    for k in med:
-        print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB")
-    for k, v in ratios.items():
-        goal = f"   goal <= {GOALS[k]:.2f}" if k in GOALS else ""
-        print(f"  {k:<48} {v:6.2f}{goal}")
+    if modes & {"pull", "push"}:
+        print(f"{args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 disk")
+        for k in med:
+            if not k.startswith(("big_", "chain_")):
+                print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB")
+        for k, v in ratios.items():
+            if not k.startswith(("big_", "chain_")):
+                goal = f"   goal <= {GOALS[k]:.2f}" if k in GOALS else ""
+                print(f"  {k:<48} {v:6.2f}{goal}")
+    if big is not None:
+        print_big(args, big, med, rss, ratios)
+    if chain is not None:
+        print_chain(chain, med, rss, ratios)
     return 0
 
 
