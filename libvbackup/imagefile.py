@@ -125,8 +125,12 @@ class FileSource:
     def _restart(self, start: int) -> None:
         self._stop_map()
         try:
-            self._map = subprocess.Popen(["qemu-img", "map", "--output=json", "--start-offset", str(start),
-                                          self.path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # The image alone, its backing file not opened: "present" is then its own layer,
+            # and a chain of 60 images costs 60 opens to map, not 60 x 30.
+            alone = "json:" + json.dumps({"driver": "qcow2", "backing": None,
+                                          "file": {"driver": "file", "filename": self.path}})
+            self._map = subprocess.Popen(["qemu-img", "map", "--output=json", "--start-offset", str(start), alone],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         except OSError as e:
             raise ToolError(f"qemu-img is not installed: {e.strerror}", "run scripts/setup") from e
         self._pos = start

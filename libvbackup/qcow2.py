@@ -289,3 +289,19 @@ class Layout:
     @property
     def file_size(self) -> int:
         return self.next_host
+
+
+def read_header(head: bytes) -> tuple[int, str | None]:
+    """(virtual size, backing file name) from the first bytes of any qcow2 image (v2 or v3);
+    ValueError if it is not one."""
+    if len(head) < 72 or head[:4] != MAGIC:
+        raise ValueError("not a qcow2 image")
+    version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
+    if version not in (2, 3):
+        raise ValueError(f"qcow2 version {version}")
+    (size,) = struct.unpack_from(">Q", head, 24)
+    if not backing_offset:
+        return size, None
+    if backing_offset + backing_size > len(head) or backing_size > MAX_BACKING_NAME:
+        raise ValueError("backing file name out of the header")
+    return size, head[backing_offset:backing_offset + backing_size].decode(errors="replace")

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from typing import Iterator
 
-from . import checksum, engine, imagefile, qemuimg
+from . import checksum, engine, imagefile, qcow2
 from .errors import Error, NotFound
 from .manifest import Manifest, Point, PointDisk
 from .repo import Repository
@@ -112,14 +112,15 @@ class _Verifier:
         if not path.is_file():
             return _Layer([f"image {path} is missing"])
         try:
-            info = qemuimg.info(str(path))
-        except Error as e:
-            return _Layer([f"image {path} cannot be read: {e}"])
+            with open(path, "rb") as f:
+                size, backing = qcow2.read_header(f.read(qcow2.CLUSTER))
+        except (OSError, ValueError) as e:
+            return _Layer([f"image {path} cannot be read: {getattr(e, 'strerror', None) or e}"])
         want = self.repository.backing_name(pd.backing) if pd.backing else None
-        if info.get("backing-filename") != want:
-            return _Layer([f"image {path} has backing file {info.get('backing-filename')!r}, expected {want!r}"])
-        if info.get("virtual-size") != pd.size:
-            return _Layer([f"image size {info.get('virtual-size')} differs from the recorded {pd.size}"])
+        if backing != want:
+            return _Layer([f"image {path} has backing file {backing!r}, expected {want!r}"])
+        if size != pd.size:
+            return _Layer([f"image size {size} differs from the recorded {pd.size}"])
         parent = self.owner[pd.backing][1] if pd.backing else None
         files = []
         try:
