@@ -30,7 +30,7 @@ from . import scratch
 from .documents import Documents, documents
 from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
 from .journal import RunRecord, RunState
-from .plan import ParentChoice, choose_parent, plan_backup
+from .plan import ParentChoice, choose_parent, needs_bitmap, plan_backup
 from .repo import Repository
 from .results import BackupDisk, BackupResult
 from .signals import deferred, raising, umask
@@ -169,9 +169,10 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
     domain_xml = dom.xml()
     chosen = domxml.select_disks(domxml.parse_disks(domain_xml), req.disks, req.exclude)
     manifest = repository.load(vm)
-    probe = checkpoints.Probe(dom, manifest, failed)
-    choice = choose_parent(manifest, level=req.level, incremental=req.incremental, unusable=probe.unusable)
     sizes = {d.target: dom.disk_capacity(d.target) for d in chosen}
+    probe = checkpoints.Probe(dom, manifest, failed,
+                              needed=lambda chk: needs_bitmap(manifest.get(chk), chosen, sizes))
+    choice = choose_parent(manifest, level=req.level, incremental=req.incremental, unusable=probe.unusable)
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=probe.checkpoint_names, checkpoint=req.checkpoint,
                        incremental=choice.parent, prefix=repository.checkpoint_prefix, sizes=sizes,
                        redefine=probe.needs_redefine)

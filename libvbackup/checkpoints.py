@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from typing import Callable, Collection
 
 from lxml import etree
 
@@ -44,12 +45,20 @@ class Probe:
     """Answers the planner's question "why can this checkpoint not serve?" without changing
     anything. A checkpoint libvirt lost is usable when every lost checkpoint of its chain can
     be redefined from the manifest (``needs_redefine`` then lists them, oldest first), unless
-    ``failed`` (redefinitions tried and refused in this run) says otherwise."""
+    ``failed`` (redefinitions tried and refused in this run) says otherwise.
 
-    def __init__(self, dom, manifest: Manifest, failed: dict[str, str] | None = None):
+    ``needed(chk)``: the disks whose bitmap of ``chk`` the backup would use (``plan.needs_bitmap``).
+    libvirt's validation stops at the first disk whose bitmap is missing or broken; when that
+    disk is one the backup takes in full anyway (its image was replaced, it was left out), the
+    checkpoint still serves the others: libvirt checks their bitmaps again when the job begins
+    and refuses an incremental from a broken one."""
+
+    def __init__(self, dom, manifest: Manifest, failed: dict[str, str] | None = None,
+                 needed: Callable[[str], Collection[str]] | None = None):
         self.dom = dom
         self.manifest = manifest
         self.failed = dict(failed or {})
+        self.needed = needed
         self.names = set(dom.checkpoint_names())
         self.needs_redefine: list[str] = []
         self._valid: dict[str, str | None] = {}
@@ -66,12 +75,31 @@ class Probe:
             return None
         if chk not in self._valid:
             self._valid[chk] = self.dom.validate_checkpoint(chk)
-        return self._valid[chk]
+        why = self._valid[chk]
+        disk = broken_disk(why) if why is not None else None
+        if disk is not None and self.needed is not None and disk not in self.needed(chk):
+            log.info("checkpoint %s: %s; the backup takes disk %s in full", chk, why, disk)
+            return None
+        return why
 
     @property
     def checkpoint_names(self) -> set[str]:
         """What libvirt has, plus what the plan will give back to it."""
         return self.names | set(self.needs_redefine)
+
+
+_BROKEN_BITMAP = re.compile(r"missing or broken bitmap '[^']*' for disk '(?P<disk>[^']+)'")
+
+
+def broken_disk(reason: str) -> str | None:
+    """The disk libvirt names when it finds a checkpoint's bitmap missing or broken, or None."""
+    m = _BROKEN_BITMAP.search(reason)
+    return m.group("disk") if m else None
+
+
+def bitmap_lost(reason: str) -> bool:
+    """Whether libvirt's reason says the bitmap is gone or unusable (QEMU never stored it or lost it)."""
+    return "bitmap" in reason and any(w in reason for w in ("not found", "missing", "broken", "inconsistent"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,12 @@ import logging
 import os
 import pathlib
 import shutil
+import subprocess
+import time
 
+from lxml import etree
+
+from . import checkpoints, domxml
 from .errors import Error, LibvirtError, StateError
 from .repo import Repository, fsync_dir
 
@@ -98,53 +103,156 @@ def write(repository: Repository, record: RunRecord) -> None:
     repository.write_run(record.vm, record.to_json())
 
 
-def _remove_tree(path: pathlib.Path) -> None:
+def _remove_tree(path: pathlib.Path) -> str | None:
+    """Remove a directory tree; returns why it could not be removed, or None."""
+    if not path.exists():
+        return None
+    shutil.rmtree(path, ignore_errors=True)
     if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-        fsync_dir(path.parent)
+        return f"cannot remove {path}"
+    fsync_dir(path.parent)
+    return None
+
+
+class _Unfinished:
+    """What a clean-up could not do, and the one hint that is true for all of it."""
+
+    def __init__(self, vm: str):
+        self.vm = vm
+        self.failures: list[str] = []
+        self.by_hand: list[str] = []  # steps for the admin: no later run would do them
+        self.unreachable = False  # libvirt could not be asked: a later run or abort finishes it
+
+    def hint(self) -> str:
+        finish = f"libvbackup abort {self.vm}"
+        if self.by_hand:
+            return "; ".join(self.by_hand) + f"; then run: {finish}"
+        if self.unreachable:
+            return f"once libvirt answers, the next backup of {self.vm} or '{finish}' finishes it"
+        return f"then run: {finish}"
+
+
+def _bitmaps(checkpoint_xml: str) -> dict[str, str]:
+    """disk -> bitmap name of a checkpoint's XML (the disks with checkpoint='bitmap')."""
+    root = etree.fromstring(checkpoint_xml.encode())
+    name = root.findtext("name") or ""
+    return {d.get("name"): d.get("bitmap") or name for d in root.iterfind("./disks/disk")
+            if d.get("checkpoint", "bitmap") == "bitmap" and d.get("name")}
+
+
+def _remove_bitmaps_offline(dom, checkpoint_xml: str) -> list[str]:
+    """Remove a checkpoint's bitmaps from the images of a domain that is not running (QEMU stored
+    them when it exited; libvirt 9.0 deletes checkpoints of running domains only). Returns the
+    images whose bitmap could not be removed (as "disk (reason)")."""
+    if not dom.local:
+        return [f"{disk} (libvirt is remote: remove bitmap {b} with qemu-img bitmap --remove)"
+                for disk, b in _bitmaps(checkpoint_xml).items()]
+    sources = {d.target: d for d in domxml.parse_disks(dom.xml())}
+    left = []
+    for disk, bitmap in _bitmaps(checkpoint_xml).items():
+        d = sources.get(disk)
+        if d is None or d.format != "qcow2" or not d.source or not os.path.isfile(d.source):
+            continue  # gone from the definition, or not an image file: nothing of ours is left in it
+        p = subprocess.run(["qemu-img", "bitmap", "--remove", d.source, bitmap], capture_output=True, text=True)
+        err = (p.stderr or p.stdout).strip()
+        if p.returncode != 0 and "not found" not in err:  # not found: QEMU never stored it
+            left.append(f"{disk} ({err.splitlines()[-1] if err else f'qemu-img exit {p.returncode}'})")
+    return left
+
+
+def _stays_running(dom, wait: float = 2.0) -> bool:
+    deadline = time.monotonic() + wait
+    while dom.is_running():
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _delete_checkpoint(dom, chk: str, notes: list[str], todo: _Unfinished) -> None:
+    """Delete the checkpoint of an incomplete backup, its bitmaps included.
+
+    A running domain's checkpoint is deleted by libvirt. When that fails because QEMU never
+    stored its bitmap or lost it (QEMU was killed; libvirt's validation says so), its metadata
+    alone is removed: nothing is left to merge or delete. A checkpoint whose bitmaps are fine
+    is never dropped that way. A domain that is not running (QEMU exited during the backup):
+    libvirt cannot delete the checkpoint, so its metadata is removed and its bitmaps are
+    removed from the images with qemu-img.
+    """
+    try:
+        dom.delete_checkpoint(chk)
+        return
+    except LibvirtError as e:
+        first = e.message
+    if dom.is_running():
+        why = dom.validate_checkpoint(chk)
+        if why is not None and checkpoints.bitmap_lost(why):
+            dom.delete_checkpoint(chk, metadata_only=True)
+            notes.append(f"checkpoint {chk} removed from libvirt's metadata only: QEMU lost its bitmap ({why})")
+            log.warning("%s", notes[-1])
+            return
+        if _stays_running(dom):  # (QEMU killed just now: libvirt notices within moments)
+            todo.failures.append(f"cannot delete checkpoint {chk!r} of VM {dom.name!r}: {first}")
+            todo.by_hand.append(f"find out why libvirt cannot delete it (virsh checkpoint-delete {dom.name} {chk})")
+            return
+    xml = dom.checkpoint_xml(chk)
+    dom.delete_checkpoint(chk, metadata_only=True)
+    left = _remove_bitmaps_offline(dom, xml)
+    notes.append(f"checkpoint {chk} removed from libvirt's metadata (VM {dom.name!r} is not running) "
+                 "and its bitmaps from the images")
+    log.info("%s", notes[-1])
+    if left:
+        todo.failures.append(f"bitmap {chk} is left in the images of disk(s) " + ", ".join(left))
+        todo.by_hand.append(f"with the VM shut off, run qemu-img bitmap --remove IMAGE {chk} on each")
 
 
 def cleanup(repository: Repository, dom, record: RunRecord) -> list[str]:
     """Undo what a run recorded, except what the manifest already holds; returns notes.
 
     Every step is tried even when an earlier one fails (QEMU gone, libvirtd restarted); the
-    journal is removed only when all succeeded. A checkpoint whose bitmaps QEMU never stored
-    or lost (QEMU was killed) cannot be deleted normally: its metadata alone is removed.
+    journal is removed only when all succeeded, and the error's hint says what finishes the
+    clean-up: a later run (or ``abort``) only when libvirt could not be reached, otherwise the
+    steps to take by hand. A checkpoint whose bitmaps QEMU never stored or lost (QEMU was
+    killed) cannot be deleted normally: its metadata alone is removed (``_delete_checkpoint``).
     """
     chk = record.checkpoint
-    failures: list[str] = []
+    todo = _Unfinished(record.vm)
     notes: list[str] = []
     try:
         completed = chk is not None and repository.load(record.vm).find(chk) is not None
     except Error as e:
-        failures.append(str(e))
+        todo.failures.append(str(e))
+        todo.by_hand.append(f"repair {repository.manifest_path(record.vm)}")
         completed = True  # cannot tell: keep what might be a completed point
     # backupBegin creates the job and our (uniquely named) checkpoint together: the job is
     # ours only if that checkpoint exists. Another tool's job is never aborted.
     if record.state is RunState.JOB and chk and not completed:
         if dom is None:
-            failures.append("libvirt could not be reached to end the job and delete the checkpoint")
+            todo.failures.append("libvirt could not be reached to end the job and delete the checkpoint")
+            todo.unreachable = True
         else:
             try:
                 if dom.has_checkpoint(chk):
                     if dom.has_backup_job():
                         dom.abort_job()
                     log.info("deleting checkpoint %s of an incomplete backup", chk)
-                    try:
-                        dom.delete_checkpoint(chk)
-                    except LibvirtError as e:
-                        # QEMU never stored the bitmap or lost it: nothing to merge, drop the name.
-                        dom.delete_checkpoint(chk, metadata_only=True)
-                        notes.append(f"checkpoint {chk} removed from libvirt's metadata only ({e.message})")
-                        log.warning("%s", notes[-1])
+                    _delete_checkpoint(dom, chk, notes, todo)
             except Error as e:
-                failures.append(str(e))
+                todo.failures.append(str(e))
+                if dom.reachable():
+                    todo.by_hand.append(f"end the job (virsh domjobabort {record.vm}) and delete checkpoint "
+                                        f"{chk} (virsh checkpoint-delete {record.vm} {chk}) by hand")
+                else:
+                    todo.unreachable = True
     for path in (record.partial, None if completed else record.final, record.run_dir):
         if path:
-            _remove_tree(pathlib.Path(path))
-    if failures:
-        raise StateError("clean-up of the interrupted backup is incomplete: " + "; ".join(failures),
-                         f"once libvirt answers, run: libvbackup abort {record.vm}")
+            why = _remove_tree(pathlib.Path(path))
+            if why:
+                todo.failures.append(why)
+                todo.by_hand.append(f"remove {path}")
+    if todo.failures:
+        raise StateError("clean-up of the interrupted backup is incomplete: " + "; ".join(todo.failures),
+                         todo.hint())
     repository.clear_run(record.vm)
     return notes
 

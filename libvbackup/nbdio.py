@@ -160,10 +160,13 @@ class Source:
                 os.eventfd_read(fd)
                 continue
             h = by_fd[fd]
-            if rev & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                h.aio_notify_read()
-            if rev & select.POLLOUT:
-                h.aio_notify_write()
+            try:
+                if rev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    h.aio_notify_read()
+                if rev & select.POLLOUT:
+                    h.aio_notify_write()
+            except nbd.Error as e:  # the server went away (QEMU exited)
+                raise _err(f"reading {self.name} failed", e) from e
 
     def pread(self, length: int, offset: int) -> bytes:
         try:

@@ -13,9 +13,9 @@ import re
 import time
 from typing import Callable, Collection, Mapping, Sequence
 
-from .domxml import Disk
+from .domxml import Disk, parse_disks
 from .errors import NotFound, StateError, UsageError
-from .manifest import Manifest
+from .manifest import Manifest, Point
 
 # A subset of libvirt's checkpointName ([a-zA-Z0-9_-][a-zA-Z0-9_.-]*): no leading '-' either,
 # so that a name is never taken for an option. Used with fullmatch: '$' would accept a "\n".
@@ -29,7 +29,8 @@ class PlannedDisk:
     bitmap: bool  # the new checkpoint records a bitmap for it (qcow2 only)
     backing: str | None  # parent's image (relative to the VM dir) for an incremental image
     format: str | None
-    reason: str | None = None  # why a disk is copied in full inside an incremental backup
+    reason: str | None = None  # why a disk is copied in full inside an incremental backup, or a
+    # note on an incremental one (it grew since the parent)
     size: int | None = None  # virtual size now, when known
 
 
@@ -112,27 +113,16 @@ def plan_backup(
         parent = manifest.get(incremental)
 
     planned = []
+    before = disks_of(parent) if parent else {}
     for d in disks:
-        bitmap = d.bitmap_capable
-        reason = None
-        pdisk = parent.disks.get(d.target) if parent else None
         size = sizes.get(d.target)
-        if parent is None:
-            full = True
-        elif pdisk is None:
-            full, reason = True, f"not in point {parent.checkpoint}"
-        elif not pdisk.bitmap or not bitmap:
-            full, reason = True, f"{d.format or 'unknown'}-format disk holds no dirty bitmap"
-        elif size is not None and size < pdisk.size:
-            full, reason = True, f"shrunk from {pdisk.size} to {size} bytes since {parent.checkpoint}: a new chain"
-        else:
-            full = False
+        full, reason = disk_mode(parent, d, size, before) if parent else (True, None)
         planned.append(
             PlannedDisk(
                 name=d.target,
                 full=full,
-                bitmap=bitmap,
-                backing=None if full else pdisk.image,
+                bitmap=d.bitmap_capable,
+                backing=None if full else parent.disks[d.target].image,
                 format=d.format,
                 reason=reason,
                 size=size,
@@ -154,6 +144,55 @@ def plan_backup(
         disks=tuple(planned),
         redefine=tuple(redefine) if parent is not None else (),
     )
+
+
+def disks_of(point: Point) -> dict[str, Disk]:
+    """The disks of the domain XML a point was taken from, by target ({} when it saved none)."""
+    if not point.domain_xml:
+        return {}
+    try:
+        return {d.target: d for d in parse_disks(point.domain_xml)}
+    except (SyntaxError, ValueError):  # unreadable saved XML tells nothing; libvirt's bitmaps still guard
+        return {}
+
+
+def replaced(before: Disk | None, now: Disk) -> str | None:
+    """Why ``now`` is not the image the parent point copied under the same target, or None
+    (also when the parent saved no domain XML to tell)."""
+    if before is None:
+        return None
+    if before.source != now.source:
+        return f"{before.source} is now {now.source}"
+    if before.format and now.format and before.format != now.format:
+        return f"its format changed from {before.format} to {now.format}"
+    return None
+
+
+def disk_mode(parent: Point, d: Disk, size: int | None, before: dict[str, Disk]) -> tuple[bool, str | None]:
+    """(full, reason) of disk ``d`` (now ``size`` bytes) in a backup incremental from ``parent``;
+    ``before``: the parent's disks (``disks_of``). A full disk inside an incremental backup says
+    why; an incremental one may carry a note (it grew)."""
+    pdisk = parent.disks.get(d.target)
+    if pdisk is None:
+        return True, f"not in point {parent.checkpoint}"
+    why = replaced(before.get(d.target), d)
+    if why is not None:
+        return True, f"replaced since {parent.checkpoint} ({why}): a new chain"
+    if not pdisk.bitmap or not d.bitmap_capable:
+        return True, f"{d.format or 'unknown'}-format disk holds no dirty bitmap"
+    if size is not None and size < pdisk.size:
+        return True, f"shrunk from {pdisk.size} to {size} bytes since {parent.checkpoint}: a new chain"
+    if size is not None and size > pdisk.size:
+        return False, f"grew from {pdisk.size} to {size} bytes since {parent.checkpoint}"
+    return False, None
+
+
+def needs_bitmap(parent: Point, disks: Sequence[Disk], sizes: Mapping[str, int] | None = None) -> set[str]:
+    """The disks whose bitmap of ``parent``'s checkpoint a backup incremental from it would use:
+    a broken bitmap of any other disk (replaced, left out, removed) does not stop the backup."""
+    before = disks_of(parent)
+    sizes = sizes or {}
+    return {d.target for d in disks if not disk_mode(parent, d, sizes.get(d.target), before)[0]}
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

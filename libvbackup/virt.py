@@ -56,6 +56,15 @@ class Domain:
             self._dom = self._conn.lookup_raw(self.name)
             return getattr(self._dom, fn_name)(*args)
 
+    @property
+    def local(self) -> bool:
+        """libvirtd runs on this machine (so the domain's image paths are ours to open)."""
+        return self._conn.local
+
+    def reachable(self) -> bool:
+        """The connection to libvirtd is alive."""
+        return self._conn.alive()
+
     def is_running(self) -> bool:
         try:
             return bool(self._retry("isActive"))
@@ -191,6 +200,13 @@ class Connection:
             self._conn = libvirt.open(self.uri)
         except libvirt.libvirtError as e:
             raise LibvirtError(f"cannot connect to libvirt at {self.uri}: {_msg(e)}") from e
+
+    @property
+    def local(self) -> bool:
+        """No host in the URI (qemu:///system): libvirtd, QEMU and the images are on this machine."""
+        import urllib.parse
+
+        return not urllib.parse.urlsplit(self.uri).netloc
 
     def alive(self) -> bool:
         try:

@@ -23,6 +23,7 @@ libvirt.registerErrorHandler(lambda _c, _e: None, None)
 
 URI = "qemu:///system"
 LOG_DIR = pathlib.Path("/var/log/libvirt/qemu")
+RUN_DIR = pathlib.Path("/run/libvirt/qemu")  # libvirt's runtime state: <vm>.xml, <vm>.pid
 
 
 def fix_kvm_node() -> None:
@@ -129,7 +130,8 @@ class LabVM:
         )
         return (f"<domain type='qemu'><name>{self.name}</name><memory unit='MiB'>64</memory>"
                 f"<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>"
-                f"<devices>{devs}{extra_devices}</devices></domain>")
+                # ACPI: the PCI bus takes hot-plugged disks only with it.
+                f"<features><acpi/></features><devices>{devs}{extra_devices}</devices></domain>")
 
     def create_images(self) -> None:
         for d in self.disks:
@@ -165,6 +167,54 @@ class LabVM:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"qemu-io {cmd!r} on {disk.target} was not confirmed: {text[-300:]!r}")
             time.sleep(0.02)
+
+    def flush(self) -> None:
+        """What a guest's fsync does: every write so far is on the images (survives QEMU killed)."""
+        for d in self.disks:
+            out = self.hmp(f'qemu-io -d {d.qom} "flush"')
+            if out.strip():
+                raise RuntimeError(f"qemu-io flush on {d.target}: {out.strip()}")
+
+    def qemu_pid(self) -> int:
+        return int((RUN_DIR / f"{self.name}.pid").read_text())
+
+    def wait_stopped(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.dom.isActive():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not stop within {timeout} s")
+            time.sleep(0.05)
+
+    def hotplug(self, target: str, size: int, fmt: str = "qcow2") -> LabDisk:
+        """A new disk image attached to the running domain (and to its definition)."""
+        index = ord(target[-1]) - ord("a")
+        disk = LabDisk(self, index, target, size, fmt)
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(disk.path), str(size)], check=True)
+        self.dom.attachDeviceFlags(
+            f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/><source file='{disk.path}'/>"
+            f"<target dev='{target}' bus='virtio'/></disk>",
+            libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        self.disks.append(disk)
+        return disk
+
+    def resize(self, target: str, size: int) -> None:
+        """Grow a disk of the running domain (virsh blockresize); the model grows with zeroes."""
+        disk = self[target]
+        self.dom.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        disk.size = size
+        if disk.model is not None:
+            disk.model.extend(bytes(size - len(disk.model)))
+
+    def redefine(self, edit) -> None:
+        """Change the definition of the shut-off domain: ``edit(xml) -> xml``; then start it."""
+        assert not self.dom.isActive()
+        xml = edit(self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        self.dom = self.conn.defineXML(xml)
+
+    def boot(self) -> None:
+        """Start the (defined) domain again, e.g. after it was destroyed or changed."""
+        self._log_pos = self._log.stat().st_size if self._log.exists() else 0
+        self.dom.create()
 
     def checkpoints(self) -> list[str]:
         return sorted(c.getName() for c in self.dom.listAllCheckpoints(0))

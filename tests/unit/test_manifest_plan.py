@@ -589,3 +589,98 @@ def test_plan_does_not_modify_the_manifest():
     before = copy.deepcopy(m)
     plan.plan_backup(m, [QCOW, RAW, NEW], libvirt_checkpoints=LIBVIRT, checkpoint="c4", incremental="c2")
     assert m == before
+
+
+# --------------------------------------------------------------------------- disks that changed since the parent
+
+
+def _domain(*disks: Disk) -> str:
+    devs = "".join(f"<disk type='file' device='disk'><driver name='qemu' type='{d.format}'/>"
+                   f"<source file='{d.source}'/><target dev='{d.target}' bus='virtio'/></disk>" for d in disks)
+    return f"<domain><name>vm1</name><devices>{devs}</devices></domain>"
+
+
+def _manifest_taken_from(*disks: Disk) -> Manifest:
+    m = _manifest()
+    m.points[-1].domain_xml = _domain(*disks)
+    return m
+
+
+def test_plan_disk_grown_since_the_parent_stays_incremental_and_says_so():
+    p = _plan(disks=[QCOW], incremental="c3", sizes={"vda": (10 << 30) + 4096})
+    (vda,) = p.disks
+    assert (p.level, vda.full, vda.backing, vda.size) == ("incremental", False, "c3/vda.qcow2", (10 << 30) + 4096)
+    assert vda.reason == f"grew from {10 << 30} to {(10 << 30) + 4096} bytes since c3"
+    assert _plan(disks=[QCOW], incremental="c3", sizes={"vda": 10 << 30}).disks[0].reason is None
+
+
+def test_plan_disk_shrunk_since_the_parent_starts_a_new_chain():
+    p = _plan(disks=[QCOW, NEW], incremental="c3", sizes={"vda": 1 << 30})
+    assert p.disks[0].full and p.disks[0].backing is None
+    assert p.disks[0].reason == f"shrunk from {10 << 30} to {1 << 30} bytes since c3: a new chain"
+
+
+def test_plan_disk_replaced_since_the_parent_is_full_and_the_others_go_on():
+    other = Disk(target="vda", device="disk", format="qcow2", source="/img/vda-new.qcow2")
+    m = _manifest_taken_from(QCOW)
+    m.points[-1].disks["vdc"] = PointDisk("vdc", "c3/vdc.qcow2", None, 1 << 20)
+    p = plan.plan_backup(m, [other, NEW], libvirt_checkpoints=LIBVIRT, checkpoint="c4", incremental="c3")
+    vda, vdc = p.disks
+    assert vda.full and vda.backing is None
+    assert vda.reason == "replaced since c3 (/img/vda.qcow2 is now /img/vda-new.qcow2): a new chain"
+    assert (p.level, vdc.full, vdc.backing) == ("incremental", False, "c3/vdc.qcow2")  # not in c3's XML: unknown
+
+
+def test_plan_disk_whose_format_changed_is_replaced():
+    raw = Disk(target="vda", device="disk", format="raw", source=QCOW.source)
+    m = _manifest_taken_from(QCOW)
+    p = plan.plan_backup(m, [raw], libvirt_checkpoints=LIBVIRT, checkpoint="c4", incremental="c3")
+    assert p.disks[0].full and "format changed from qcow2 to raw" in p.disks[0].reason
+
+
+def test_plan_same_source_is_not_replaced_and_no_saved_xml_tells_nothing():
+    m = _manifest_taken_from(QCOW)
+    assert not plan.plan_backup(m, [QCOW], libvirt_checkpoints=LIBVIRT, checkpoint="c4", incremental="c3").disks[0].full
+    for xml in ("", "<domain><name>vm1</name></domain>", "not xml <"):
+        m.points[-1].domain_xml = xml
+        assert plan.disks_of(m.points[-1]) == {}
+        assert not plan.plan_backup(m, [QCOW], libvirt_checkpoints=LIBVIRT, checkpoint="c4",
+                                    incremental="c3").disks[0].full
+
+
+def test_needs_bitmap_names_only_the_disks_that_go_on_incrementally():
+    other = Disk(target="vda", device="disk", format="qcow2", source="/img/vda-new.qcow2")
+    m = _manifest_taken_from(QCOW)
+    m.points[-1].disks["vdc"] = PointDisk("vdc", "c3/vdc.qcow2", None, 1 << 20)
+    parent = m.get("c3")
+    assert plan.needs_bitmap(parent, [QCOW, RAW, NEW]) == {"vda", "vdc"}
+    assert plan.needs_bitmap(parent, [other, NEW]) == {"vdc"}  # replaced
+    assert plan.needs_bitmap(parent, [NEW]) == {"vdc"}  # left out or removed
+    assert plan.needs_bitmap(parent, [QCOW], {"vda": 1 << 20}) == set()  # shrunk
+
+
+class _Dom:
+    def __init__(self, names, invalid=None):
+        self.names, self.invalid, self.asked = names, invalid or {}, []
+
+    def checkpoint_names(self):
+        return list(self.names)
+
+    def validate_checkpoint(self, chk):
+        self.asked.append(chk)
+        return self.invalid.get(chk)
+
+
+def test_probe_serves_the_other_disks_when_a_disk_taken_in_full_has_a_broken_bitmap():
+    from libvbackup import checkpoints
+
+    why = "checkpoint inconsistent: missing or broken bitmap 'c3' for disk 'vdb'"
+    assert checkpoints.broken_disk(why) == "vdb" and checkpoints.broken_disk("other trouble") is None
+    assert checkpoints.bitmap_lost(why) and checkpoints.bitmap_lost("bitmap 'c3' not found in backing chain of 'vda'")
+    assert not checkpoints.bitmap_lost("cannot acquire state change lock")
+    dom = _Dom(LIBVIRT, {"c3": why})
+    assert checkpoints.Probe(dom, _manifest()).unusable("c3") == why
+    assert checkpoints.Probe(dom, _manifest(), needed=lambda chk: {"vda"}).unusable("c3") is None
+    assert checkpoints.Probe(dom, _manifest(), needed=lambda chk: {"vda", "vdb"}).unusable("c3") == why
+    other = _Dom(LIBVIRT, {"c3": "checkpoint inconsistent: something else"})
+    assert checkpoints.Probe(other, _manifest(), needed=lambda chk: set()).unusable("c3") is not None
