@@ -114,6 +114,11 @@ def hand_pipeline(vm, work: pathlib.Path, copier: str) -> tuple[float, int]:
     try:
         return timed(["bash", "-c", script])
     finally:
+        # domjobabort returns before libvirt has ended the job: the next measured command
+        # would find it still there (not timed: libvbackup waits for it inside its own time).
+        deadline = time.monotonic() + 30
+        while vm.has_job() and time.monotonic() < deadline:
+            time.sleep(0.02)
         shutil.rmtree(run, ignore_errors=True)
         out.unlink(missing_ok=True)
 
