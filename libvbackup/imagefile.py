@@ -1,4 +1,5 @@
-"""A qcow2 image's own layer read straight from its file: a source for the copy engine.
+"""A qcow2 image (its own layer, or its whole chain) read straight from its files: a source for
+the copy engine.
 
 Push checksums and verify read what one image holds itself. Through qemu-nbd that costs a
 round trip per request and a copy through a socket (1 GiB from tmpfs: 0.6-1.0 s here); read
@@ -41,19 +42,29 @@ class _Done:
 
 class FileSource:
     """``own_layer``: the ranges this image holds itself are the dirty ones (else every range
-    counts, and what the image does not hold reads as zeroes: an image without backing)."""
+    counts, and what the image does not hold reads as zeroes: an image without backing).
+    ``chain``: the image's whole backing chain is read (a restore), each range from the file
+    that holds it: ``chain`` lists the files, the image first, as ``qemu-img map`` counts depth."""
 
-    def __init__(self, path: str, size: int, own_layer: bool = False):
+    def __init__(self, path: str, size: int, own_layer: bool = False, chain: list[str] | None = None):
+        if own_layer and chain:
+            raise ValueError("own_layer and chain exclude each other")
         self.path = path
         self.size = size
         self.own_layer = own_layer
+        self.chain_files = list(chain or [])
         self.name = f"image {path}"
         self.request_size = REQUEST_SIZE
         self.handles = [None] * THREADS  # "connections" for the engine's accounting: worker slots
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise CopyError(f"cannot open {path}: {e.strerror}") from e
+        self.fds: list[int] = []
+        for f in self.chain_files or [path]:
+            try:
+                self.fds.append(os.open(f, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as e:
+                for fd in self.fds:
+                    os.close(fd)
+                raise CopyError(f"cannot open {f}: {e.strerror}") from e
+        self.fd = self.fds[0]
         self._pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="image-read")
         self._wake: int | None = None
         self._map: subprocess.Popen | None = None
@@ -62,6 +73,7 @@ class FileSource:
         self._starts: list[int] = []  # data extents of this image, by guest start
         self._ends: list[int] = []
         self._hosts: list[int] = []
+        self._files: list[int] = []  # which of ``fds`` (depth in the chain)
         self._lock = threading.Lock()
         self._chain: nbdio.Source | None = None  # for reads the map does not cover
         self._remembered: dict[tuple[int, int], list[Extent]] = {}
@@ -106,18 +118,20 @@ class FileSource:
         return out
 
     def _extent(self, e: dict, start: int, stop: int) -> Extent:
-        own = e.get("depth", 0) == 0 and e.get("present", False)
+        depth = e.get("depth", 0)
+        own = e.get("present", False) and (depth == 0 or bool(self.chain_files))
         data = bool(e.get("data"))
         if data and own:
-            if "offset" not in e:
-                raise CopyError(f"{self.path} has data without a place in its file (compressed?)")
+            if "offset" not in e or depth >= len(self.fds):
+                raise CopyError(f"{self.path} has data without a place in its files (compressed?)")
             with self._lock:
                 if len(self._starts) >= KEEP:  # reads lag the map by the requests in flight
                     cut = bisect.bisect_left(self._ends, start - KEEP_BYTES)
-                    del self._starts[:cut], self._ends[:cut], self._hosts[:cut]
+                    del self._starts[:cut], self._ends[:cut], self._hosts[:cut], self._files[:cut]
                 self._starts.append(start)
                 self._ends.append(stop)
                 self._hosts.append(e["offset"] + start - e["start"])
+                self._files.append(depth)
         if self.own_layer:
             return Extent(start, stop - start, zero=not data, dirty=own)
         return Extent(start, stop - start, zero=not (data and own), dirty=True)
@@ -129,14 +143,15 @@ class FileSource:
             # and a chain of 60 images costs 60 opens to map, not 60 x 30.
             alone = "json:" + json.dumps({"driver": "qcow2", "backing": None,
                                           "file": {"driver": "file", "filename": self.path}})
-            self._map = subprocess.Popen(["qemu-img", "map", "--output=json", "--start-offset", str(start), alone],
+            what = self.path if self.chain_files else alone
+            self._map = subprocess.Popen(["qemu-img", "map", "--output=json", "--start-offset", str(start), what],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         except OSError as e:
             raise ToolError(f"qemu-img is not installed: {e.strerror}", "run scripts/setup") from e
         self._pos = start
         self._carry = None
         with self._lock:
-            self._starts.clear(), self._ends.clear(), self._hosts.clear()
+            self._starts.clear(), self._ends.clear(), self._hosts.clear(), self._files.clear()
 
     def _next_entry(self) -> dict:
         line = self._map.stdout.readline()
@@ -157,11 +172,11 @@ class FileSource:
             if segments is None:
                 self._chain_pread(buf, offset)
             else:
-                for at, n, host in segments:
+                for at, n, host, fd in segments:
                     view = buf[at - offset:at - offset + n]
-                    got = os.preadv(self.fd, [view], host)
+                    got = os.preadv(fd, [view], host)
                     while got < n:
-                        more = os.preadv(self.fd, [view[got:]], host + got)
+                        more = os.preadv(fd, [view[got:]], host + got)
                         if more == 0:
                             raise OSError(5, "short read")
                         got += more
@@ -173,9 +188,9 @@ class FileSource:
         if self._wake is not None:
             os.eventfd_write(self._wake, 1)
 
-    def _segments(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
-        """(guest offset, length, file offset) pieces of a range made of this image's data, or
-        None when some of it is not."""
+    def _segments(self, offset: int, length: int) -> list[tuple[int, int, int, int]] | None:
+        """(guest offset, length, file offset, fd) pieces of a range made of data the map
+        showed, or None when some of it is not."""
         end = offset + length
         out = []
         with self._lock:
@@ -185,7 +200,7 @@ class FileSource:
                 if i < 0 or i >= len(self._starts) or not self._starts[i] <= pos < self._ends[i]:
                     return None
                 n = min(end, self._ends[i]) - pos
-                out.append((pos, n, self._hosts[i] + pos - self._starts[i]))
+                out.append((pos, n, self._hosts[i] + pos - self._starts[i], self.fds[self._files[i]]))
                 pos += n
                 i += 1
         return out
@@ -229,9 +244,10 @@ class FileSource:
         if self._chain is not None:
             self._chain.close()
             self._chain = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.fd = -1
 
     def __enter__(self) -> "FileSource":
         return self

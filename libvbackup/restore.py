@@ -12,7 +12,7 @@ import os
 import pathlib
 from typing import Sequence
 
-from . import engine, nbdio, target
+from . import engine, imagefile, nbdio, qcow2, target
 from .errors import NotFound, RepositoryError, UsageError
 from .progress import Progress
 from .repo import Repository, fsync_dir as repo_fsync_dir
@@ -88,11 +88,10 @@ def restore(
     try:
         result = {}
         for n in names:
-            src = repository.image(vm, point.disks[n].image)
             dst = out / f"{n}.{fmt}"
             tmp = out / f".{n}.{fmt}.partial"
             written.append(tmp)
-            _copy_chain(str(src), str(tmp), fmt, n, progress)
+            _copy_chain(_source(repository, m, point.disks[n]), str(tmp), fmt, n, progress)
             os.replace(tmp, dst)
             repo_fsync_dir(out)
             written[-1] = dst
@@ -110,8 +109,38 @@ def restore(
         os.umask(old_umask)
 
 
-def _copy_chain(image: str, output: str, fmt: str, name: str, progress: str) -> None:
-    with nbdio.image(image) as src, contextlib.closing(target.open_target(output, src.size, fmt)) as dst:
+def _chain_files(repository: Repository, m, pd) -> list[str] | None:
+    """The files of a point's disk chain, its own image first, as the images themselves name
+    their backing files (read from their headers); None if they disagree with the manifest."""
+    owner = {d.image: d for p in m.points for d in p.disks.values()}
+    files = []
+    while pd is not None:
+        path = repository.image(m.vm, pd.image)
+        try:
+            with open(path, "rb") as f:
+                _size, backing = qcow2.read_header(f.read(qcow2.CLUSTER))
+        except (OSError, ValueError):
+            return None
+        if backing != (repository.backing_name(pd.backing) if pd.backing else None):
+            return None
+        files.append(str(path))
+        pd = owner.get(pd.backing) if pd.backing else None
+        if pd is None and backing is not None:
+            return None
+    return files
+
+
+def _source(repository: Repository, m, pd):
+    """The chain read straight from its files; through qemu-nbd when they cannot be (their
+    headers disagree with the manifest)."""
+    files = _chain_files(repository, m, pd)
+    if files is None:
+        return nbdio.image(str(repository.image(m.vm, pd.image)))
+    return imagefile.FileSource(files[0], pd.size, chain=files)
+
+
+def _copy_chain(src, output: str, fmt: str, name: str, progress: str) -> None:
+    with src, contextlib.closing(target.open_target(output, src.size, fmt)) as dst:
         prog = Progress(progress)
         prog.add(name, engine.planned_bytes(src, dst))
         with prog:
