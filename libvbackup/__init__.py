@@ -9,6 +9,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``xmlgen``      <domainbackup>/<domaincheckpoint> documents from xml_templates/ (pure)
 - ``extents``     NBD extent merging and copy planning (pure)
 - ``checksum``    block digests of guest data (pure; xxhash loads only when digests are made)
+- ``sums``        how a point stores its digests: sparse records, the blkhash (pure)
 - ``manifest``    the repository's on-disk format (pure parse/serialise)
 - ``plan``        which checkpoint a backup extends, its level, names; prune plans (pure)
 - ``checkpoints`` libvirt's checkpoints seen from the repository: usable, redefinable, whose

@@ -5,21 +5,7 @@ repositories written before it, the SHA-256) of its bytes. A point stores the di
 disk in ``<point>/<disk>.sums``; the manifest stores the disk's *blkhash*, a SHA-256 that
 covers them. ``verify`` re-reads the images and compares.
 
-Sums format 2 (sparse; manifest ``sums_format: 2``), written since format 3 of the manifest::
-
-    record*      one per block whose bytes are not all zero, in increasing block order:
-                 block index (8 bytes, big-endian) + digest (16 bytes XXH3-128, 32 SHA-256)
-
-A block that reads as zeroes has no record, however it is stored (hole, zero cluster, zeroes
-written, past the end of a shorter backing file): the encoding depends on the guest's bytes
-alone, so it is canonical. blkhash = SHA-256(``PREFIX`` + disk size (8 bytes) + block size
-(4 bytes) + algorithm name + NUL + the records): equal guest data gives an equal blkhash
-whatever the chain, the image format or the allocation. Metadata, memory and time follow the
-data: 24 bytes per 64 KiB of data, nothing for empty space.
-
-Sums format 1 (dense, older points): one digest for every block, zero blocks included;
-blkhash = SHA-256 of the file. ``records`` reads either as the same sparse stream, so a chain
-that started dense continues in format 2 (its algorithm and block size are kept).
+How they are stored (sparse: only blocks that hold data) is ``sums``.
 
 ``BlockHasher`` watches a copy (``engine.Observer``): it is told of every operation as it is
 queued (``issue``) and completed (``data``/``zero``); a block is hashed once no queued
@@ -41,18 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import struct
 import threading
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 # 64 KiB, the cluster of the images libvbackup writes: an incremental copies whole clusters, so
 # every block it touches is covered by what it copies and nothing needs reading back.
 BLOCK = 64 << 10
-DENSE, SPARSE = 1, 2  # sums formats
-PREFIX = b"libvbackup sparse sums 2\0"
 EMIT_EVERY = 1024  # issues between two flushes of finished digests
 MAX_FINAL = 1 << 16  # ... or as soon as this many are waiting to leave
-READ_CHUNK = 1 << 20
 
 DigestFn = Callable[[bytes | bytearray | memoryview], bytes]
 Record = tuple[int, bytes]  # (block index, digest)
@@ -113,96 +95,6 @@ def block_count(size: int, block: int = BLOCK) -> int:
 
 def digest_of(sums: bytes | bytearray) -> str:
     return hashlib.sha256(sums).hexdigest()
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """What a sums file is: its format, the disk size, block size and algorithm."""
-
-    size: int
-    block: int = BLOCK
-    algorithm_name: str = DEFAULT
-    format: int = SPARSE
-
-    @property
-    def algorithm(self) -> Algorithm:
-        return algorithm(self.algorithm_name)
-
-    def prefix(self) -> bytes:
-        return PREFIX + struct.pack(">QI", self.size, self.block) + self.algorithm_name.encode() + b"\0"
-
-    def blkhash_of(self, f: BinaryIO) -> str:
-        """The blkhash of a sums file, read as a stream."""
-        h = hashlib.sha256(self.prefix() if self.format == SPARSE else b"")
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
-        return h.hexdigest()
-
-    def file_size_ok(self, n: int) -> bool:
-        k = self.algorithm.size
-        if self.format == DENSE:
-            return n == block_count(self.size, self.block) * k
-        return n % (8 + k) == 0 and n // (8 + k) <= block_count(self.size, self.block)
-
-    def records(self, f: BinaryIO) -> Iterator[Record]:
-        """The file's digests of non-zero blocks, in block order, whatever its format."""
-        k = self.algorithm.size
-        if self.format == SPARSE:
-            unpack = struct.Struct(">Q").unpack_from
-            step = 8 + k
-            last = -1
-            n = block_count(self.size, self.block)
-            while chunk := f.read(READ_CHUNK // step * step):
-                for pos in range(0, len(chunk) - step + 1, step):
-                    (index,) = unpack(chunk, pos)
-                    if index <= last or index >= n:
-                        raise ValueError(f"sums record for block {index} out of order")
-                    last = index
-                    yield index, bytes(chunk[pos + 8:pos + step])
-            return
-        zero = self.algorithm.zero_digest(self.block)
-        tail = self.size % self.block
-        last_index = block_count(self.size, self.block) - 1
-        index = 0
-        while chunk := f.read(READ_CHUNK // k * k):
-            for pos in range(0, len(chunk), k):
-                d = bytes(chunk[pos:pos + k])
-                z = self.algorithm.zero_digest(tail) if tail and index == last_index else zero
-                if d != z:
-                    yield index, d
-                index += 1
-
-
-class SumsWriter:
-    """Writes sparse records to ``f`` as they come, in order; ``close`` returns the blkhash."""
-
-    def __init__(self, f: BinaryIO, layout: Layout):
-        if layout.format != SPARSE:
-            raise ValueError("new sums are written sparse")
-        self.f = f
-        self.layout = layout
-        self._h = hashlib.sha256(layout.prefix())
-        self._buf = bytearray()
-        self._last = -1
-        self.count = 0
-
-    def add(self, index: int, digest: bytes) -> None:
-        if index <= self._last:
-            raise ValueError(f"sums record for block {index} out of order")
-        self._last = index
-        self._buf += struct.pack(">Q", index) + digest
-        self.count += 1
-        if len(self._buf) >= READ_CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        self._h.update(self._buf)
-        self.f.write(self._buf)
-        self._buf.clear()
-
-    def close(self) -> str:
-        self._flush()
-        return self._h.hexdigest()
 
 
 class BlockHasher:

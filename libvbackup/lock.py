@@ -1,41 +1,25 @@
 """The per-VM lock: one libvbackup operation per VM per repository, and the only source of truth
 about whether that operation is still alive.
 
-Why this module exists
-----------------------
-*The unlink race.* The first lock flocked ``<repo>/<vm>/.lock`` and unlinked the file while still
-holding it, so that no lock file outlived the operation. That breaks mutual exclusion: process A
-holds the lock on inode 1; B opens the path (inode 1) and blocks or fails; A unlinks and exits; B
-retries on *its* open file (still inode 1, now nameless) and gets the lock; C arrives, creates a
-fresh ``.lock`` (inode 2) and gets that lock too. B and C both "hold the lock". Here the lock file
-is created once and **never unlinked**; after taking the flock we also check that the path still
-names the inode we locked (someone may have removed or replaced it under us) and start over if it
-does not, so two libvbackup processes can never both hold a lock reachable through the path.
+*The unlink race.* A lock file unlinked while held (as the first version did, so that no file
+outlived the operation) breaks mutual exclusion: B opens the old file and waits, A unlinks it
+and exits, B locks the nameless file while C creates a new one and locks that. Here the file is
+created once and **never unlinked**; after taking the flock the path must still name the inode
+locked (else start over), so two processes can never both hold a lock reachable by the path.
 
-*Pid reuse.* A pid written in a file (the lock file, the run journal) proves nothing: the process
-may be long dead and its pid given to an unrelated process, which ``abort`` would then SIGTERM.
-The rule is: **a run holds its lock for its whole life; lock free = the run is dead**; and a pid is
-only trusted once the kernel shows that this very process holds the lock right now:
+*Pid reuse.* A pid written in a file proves nothing: the process may be long dead and its pid
+given to another, which ``abort`` would then SIGTERM. So **a run holds its lock for its whole
+life; lock free = the run is dead**, and a pid is trusted only once the kernel shows that this
+very process holds the lock now: ``/proc/locks`` names candidates (the pid that *took* a flock,
+possibly dead after a fork), and :func:`holds` accepts a pid only if one of its descriptors is
+the lock file's inode and its ``/proc/<pid>/fdinfo`` shows the exclusive flock on it.
+:func:`signal_holder` closes the window between proof and signal with a pidfd. Nothing is
+written into the lock file (taking the lock changes no file); a pid found there (older
+versions wrote one) is one more candidate to verify, never an answer.
 
-* ``/proc/locks`` lists every flock with the pid that took it and the device:inode it is on;
-* ``/proc/<pid>/fdinfo/<fd>`` lists the locks owned by the open file behind that descriptor.
-
-:func:`holds` accepts a pid only if one of its descriptors refers to the lock file's inode and
-that descriptor's fdinfo shows an exclusive flock on it -- this is immune to pid reuse and to the
-lock having been inherited (``/proc/locks`` names the process that *took* a flock, which after a
-``fork`` may be dead while a child keeps the lock). :func:`signal_holder` closes the remaining
-window between "proven" and "signalled" with a pidfd.
-
-libvbackup writes nothing into the lock file (taking the lock changes no file). A pid found written
-there (an older version wrote one) is a hint only: :func:`holder` uses it as one more
-candidate to *verify*, never as an answer.
-
-The file descriptor is opened with ``O_CLOEXEC`` so programs we start (qemu-nbd, qemu-img) never
-inherit the lock: otherwise a leftover qemu-nbd would keep a dead run "alive". A bare ``fork``
-(without exec) does share the lock with the child, like any flock; libvbackup does not do that.
-
-A lock is per open file, so a second ``VmLock`` in the same process (another thread, another
-open of the file) is refused exactly like another process.
+The descriptor is ``O_CLOEXEC``: programs we start (qemu-nbd, qemu-img) never inherit the
+lock, or a leftover child would keep a dead run "alive". A flock belongs to an open file, so a
+second ``VmLock`` in the same process (another thread) is refused like another process.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import dataclasses
 import json
 from typing import Any
 
-from .checksum import ALGORITHMS, DENSE, LEGACY, SPARSE
+from .checksum import ALGORITHMS, LEGACY
+from .sums import DENSE, SPARSE
 from .errors import NotFound, RepositoryError
 
 FORMAT = 3  # 2: points may name their checksum algorithm; 3: sparse sums (sums_format 2)

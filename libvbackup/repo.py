@@ -20,7 +20,7 @@ import os
 import pathlib
 from typing import BinaryIO, Iterator
 
-from . import checksum, lock as lock_mod, manifest as mf
+from . import checksum, lock as lock_mod, manifest as mf, sums
 from .errors import RepositoryError
 from .plan import check_name
 
@@ -191,7 +191,7 @@ class Repository:
         """A point's stored digests of one disk, checked against the manifest, as an open file
         (the caller closes it) and the stream of its records, read as they are needed."""
         path = self.sums_path(vm, pd.image)
-        layout = checksum.Layout(pd.size, pd.block_size, pd.checksum, pd.sums_format)
+        layout = sums.Layout(pd.size, pd.block_size, pd.checksum, pd.sums_format)
         try:
             f = open(path, "rb")
         except OSError as e:

@@ -12,7 +12,7 @@ import os
 import pathlib
 from typing import Callable
 
-from . import checksum
+from . import checksum, sums
 from .documents import Documents
 from .errors import RepositoryError
 from .manifest import Manifest
@@ -72,8 +72,8 @@ class Digests:
         except BaseException:
             self.close()
             raise
-        self.layout = checksum.Layout(size, block, algo)
-        self._writer = checksum.SumsWriter(self._file, self.layout)
+        self.layout = sums.Layout(size, block, algo)
+        self._writer = sums.SumsWriter(self._file, self.layout)
         self.hasher = checksum.BlockHasher(size, parent=parent, parent_size=parent_size, block=block,
                                            algorithm_name=algo, sink=self._writer.add)
 
@@ -104,4 +104,4 @@ class DiskResult:
     blkhash: str
     block: int
     algorithm: str
-    sums_format: int = checksum.SPARSE
+    sums_format: int = sums.SPARSE

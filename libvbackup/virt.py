@@ -175,7 +175,7 @@ class Domain:
         while self.has_backup_job():
             if time.monotonic() > deadline:
                 raise LibvirtError(f"the backup job of VM {self.name!r} did not end within {wait:.0f} s")
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def _call(self, what: str, fn_name: str, *args):
         try:

@@ -9,7 +9,7 @@ import pytest
 import xxhash
 from hypothesis import given, settings, strategies as st
 
-from libvbackup import checksum
+from libvbackup import checksum, sums
 
 BLOCK = 4096  # small blocks so that examples span many of them
 # The reference implementations, independent of libvbackup's table of algorithms.
@@ -79,14 +79,14 @@ def test_hasher_matches_model(sc):
 
 
 def records_of(dense: bytes, size: int, algo: str = checksum.DEFAULT, block: int = BLOCK):
-    layout = checksum.Layout(size, block, algo, checksum.DENSE)
+    layout = sums.Layout(size, block, algo, sums.DENSE)
     return list(layout.records(io.BytesIO(dense)))
 
 
 def sparse_file(data: bytes, algo: str = checksum.DEFAULT, block: int = BLOCK) -> tuple[bytes, str]:
     """The sums file and blkhash a full backup of ``data`` writes."""
     f = io.BytesIO()
-    w = checksum.SumsWriter(f, checksum.Layout(len(data), block, algo))
+    w = sums.SumsWriter(f, sums.Layout(len(data), block, algo))
     h = checksum.BlockHasher(len(data), block=block, algorithm_name=algo, sink=w.add)
     for off in range(0, len(data), 3 * block + 17):  # pieces that straddle blocks
         n = min(3 * block + 17, len(data) - off)
@@ -108,7 +108,7 @@ def test_sparse_sums_are_canonical_and_read_back(algo):
     body, blkhash = sparse_file(bytes(data), algo)
     k = checksum.algorithm(algo).size
     assert len(body) == 3 * (8 + k)  # three blocks hold data; zero blocks cost nothing
-    layout = checksum.Layout(size, BLOCK, algo)
+    layout = sums.Layout(size, BLOCK, algo)
     assert layout.blkhash_of(io.BytesIO(body)) == blkhash and layout.file_size_ok(len(body))
     recs = list(layout.records(io.BytesIO(body)))
     assert [i for i, _ in recs] == [1, 7, 10]
@@ -131,7 +131,7 @@ def test_sparse_sums_are_canonical_and_read_back(algo):
 
 
 def test_sparse_records_out_of_order_are_refused():
-    layout = checksum.Layout(4 * BLOCK)
+    layout = sums.Layout(4 * BLOCK)
     rec = lambda i: i.to_bytes(8, "big") + bytes(16)  # noqa: E731
     with pytest.raises(ValueError, match="out of order"):
         list(layout.records(io.BytesIO(rec(2) + rec(1))))

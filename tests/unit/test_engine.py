@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from libvbackup import checksum, engine, extents, nbdio, target
+from libvbackup import checksum, engine, extents, nbdio, sums, target
 
 KiB = 1024
 MiB = 1 << 20
@@ -125,7 +125,7 @@ def test_incremental_copy_over_a_backing_image(tmp_path, max_request, block):
     top = tmp_path / "top.qcow2"
     dst = target.Qcow2Target(str(top), size, backing="old.qcow2")
     old_bytes = read_raw(old, "qcow2", tmp_path)
-    parent = checksum.Layout(size, block, checksum.DEFAULT, checksum.DENSE).records(
+    parent = sums.Layout(size, block, checksum.DEFAULT, sums.DENSE).records(
         io.BytesIO(dense_sums(old_bytes, block)))
     hasher = checksum.BlockHasher(size, parent=parent, block=block)
     try:

@@ -33,7 +33,7 @@ import time
 import nbd
 import pytest
 
-from libvbackup import checksum, engine, extents, nbdio, target
+from libvbackup import checksum, engine, extents, nbdio, sums, target
 
 KiB = 1024
 MiB = 1 << 20
@@ -289,7 +289,7 @@ def true_sums(data: bytes, block: int) -> bytes:
 
 
 def records(dense: bytes, size: int, block: int):
-    return checksum.Layout(size, block, checksum.DEFAULT, checksum.DENSE).records(io.BytesIO(dense))
+    return sums.Layout(size, block, checksum.DEFAULT, sums.DENSE).records(io.BytesIO(dense))
 
 
 def sums_of(hasher) -> bytes:
