@@ -26,7 +26,7 @@ from .progress import Progress
 from .transport import DiskResult, RunContext
 
 _JOB_OPERATION_BACKUP = 9  # libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP (virt is the only libvirt import)
-POLL = 0.05
+POLL = 0.01  # seconds between two looks at the job (each a libvirt call of about 1 ms)
 
 
 def run(ctx: RunContext) -> list[DiskResult]:

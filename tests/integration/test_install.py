@@ -128,7 +128,7 @@ def test_installed_command_backs_up_and_restores(installed, make_vm, repo, workd
     res = _run([lvb, "pull", vm.name, "--repo", repo, "--checkpoint", "full1", "--progress", "none",
                 "--json"], cwd=workdir)
     r = json.loads(res.stdout)
-    assert r.level == "full" and r.parent is None
+    assert r["level"] == "full" and r["parent"] is None
     models = {"full1": disk.snapshot()}
 
     disk.write(disk.size - 4097, rng.randbytes(4097))
@@ -137,8 +137,8 @@ def test_installed_command_backs_up_and_restores(installed, make_vm, repo, workd
     res = _run([lvb, "pull", vm.name, "--repo", repo, "--incremental", "full1", "--checkpoint", "inc1",
                 "--progress", "none", "--json"], cwd=workdir)
     r = json.loads(res.stdout)
-    assert (r.level, r.parent) == ("incremental", "full1")
-    assert 0 < r.disks["vda"].bytes_copied < disk.size // 2
+    assert (r["level"], r["parent"]) == ("incremental", "full1")
+    assert 0 < r["disks"]["vda"]["bytes_copied"] < disk.size // 2
     models["inc1"] = disk.snapshot()
 
     for chk, fmt in (("full1", "raw"), ("inc1", "qcow2"), ("inc1", "raw")):
