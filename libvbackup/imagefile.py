@@ -55,7 +55,7 @@ class FileSource:
         self.chain_files = list(chain or [])
         self.name = f"image {path}"
         self.request_size = REQUEST_SIZE
-        self.handles = [None] * THREADS  # "connections" for the engine's accounting: worker slots
+        self.handles = [None]  # one "connection" for the engine: MAX_INFLIGHT reads, THREADS at a time
         self.fds: list[int] = []
         for f in self.chain_files or [path]:
             try:
