@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 # 64 KiB, the cluster of the images libvbackup writes: an incremental copies whole clusters, so
 # every block it touches is covered by what it copies and nothing needs reading back.
@@ -97,19 +98,139 @@ def digest_of(sums: bytes | bytearray) -> str:
     return hashlib.sha256(sums).hexdigest()
 
 
+class Records:
+    """A stream of sparse records (block index, 8 bytes big-endian, + digest), kept as raw bytes
+    and read as needed: runs of records pass through whole (``take_below``), at the speed of a
+    memory copy, instead of one Python call per record (a parent with 16 million records, a
+    1 TiB disk full of data, would otherwise cost an incremental half a minute).
+
+    ``chunks`` yields raw bytes in record order (a sparse file read as it is, or records packed
+    from another source); ``limit``: every index must be below it (the parent's block count).
+    """
+
+    def __init__(self, chunks: Iterable[bytes], digest_size: int, limit: int | None = None):
+        self.step = 8 + digest_size
+        self._chunks = iter(chunks)
+        self._buf = bytearray()
+        self._pos = 0
+        self._last = -1
+        self._limit = limit
+
+    @classmethod
+    def of(cls, records: Iterable[Record], digest_size: int, limit: int | None = None) -> "Records":
+        """From (index, digest) pairs (older dense files, tests)."""
+        def chunks():
+            out = bytearray()
+            for index, digest in records:
+                out += _INDEX.pack(index) + digest
+                if len(out) >= 1 << 20:
+                    yield bytes(out)
+                    out.clear()
+            if out:
+                yield bytes(out)
+        return cls(chunks(), digest_size, limit)
+
+    def _index(self, at: int) -> int:
+        return _INDEX.unpack_from(self._buf, at)[0]
+
+    def _append(self) -> bool:
+        """One more chunk into the buffer (checked: whole records, in order); False at the end."""
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            return False
+        if len(chunk) % self.step:
+            raise ValueError("sums end inside a record")
+        if not chunk:
+            return True
+        if self._pos > 1 << 20:
+            del self._buf[:self._pos]
+            self._pos = 0
+        start = len(self._buf)
+        self._buf += chunk
+        first, last = self._index(start), self._index(len(self._buf) - self.step)
+        if first <= self._last or last < first or (self._limit is not None and last >= self._limit):
+            raise ValueError(f"sums records out of order near block {first}")
+        self._last = last
+        return True
+
+    def _fill(self) -> bool:
+        """At least one record buffered; False at the end of the stream."""
+        while len(self._buf) - self._pos < self.step:
+            if not self._append():
+                return False
+        return True
+
+    def peek(self) -> int | None:
+        return self._index(self._pos) if self._fill() else None
+
+    def take_below(self, limit: int) -> bytes:
+        """Raw records whose index is below ``limit``, consumed: at most RUN bytes at a time
+        (call again until it returns nothing)."""
+        out = bytearray()
+        while len(out) + self.step <= max(RUN, self.step) and self._fill():
+            n = min((len(self._buf) - self._pos) // self.step, max(1, (RUN - len(out)) // self.step))
+            if self._index(self._pos + (n - 1) * self.step) < limit:
+                out += self._buf[self._pos:self._pos + n * self.step]
+                self._pos += n * self.step
+                continue
+            lo, hi = 0, n  # the first record at or above limit
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._index(self._pos + mid * self.step) < limit:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out += self._buf[self._pos:self._pos + lo * self.step]
+            self._pos += lo * self.step
+            break
+        return bytes(out)
+
+    def next(self) -> Record | None:
+        if not self._fill():
+            return None
+        at = self._pos
+        self._pos += self.step
+        return self._index(at), bytes(self._buf[at + 8:at + self.step])
+
+    def drop(self, index: int) -> None:
+        """Consume the next record if it is ``index``'s."""
+        if self.peek() == index:
+            self._pos += self.step
+
+    def peek_bytes(self, n: int) -> bytes:
+        while len(self._buf) - self._pos < n and self._append():
+            pass
+        return bytes(self._buf[self._pos:self._pos + n])
+
+    def skip_bytes(self, n: int) -> None:
+        self._pos += n
+
+
+def decode(raw: bytes, digest_size: int) -> Iterator[Record]:
+    step = 8 + digest_size
+    for at in range(0, len(raw), step):
+        yield _INDEX.unpack_from(raw, at)[0], bytes(raw[at + 8:at + step])
+
+
+_INDEX = struct.Struct(">Q")
+RUN = 1 << 20  # bytes of records handed on at once
+
+
 class BlockHasher:
     """The block digests of a disk as a copy makes it (see the module docstring).
 
     ``parent``: the parent point's records (an incremental), of a disk of ``parent_size``
     bytes (default ``size``). A disk that grew keeps them; its new blocks read as zeroes (the
     parent's image ends there), and a last parent block that was short is re-read at its new
-    length. ``sink(index, digest)`` receives the records in block order (default: kept in
-    ``records``, for small disks and tests).
+    length. ``parent`` is a ``Records`` stream (or (index, digest) pairs). ``sink(index, digest)``
+    receives new records and ``sink_raw(bytes)`` runs of the parent's, all in block order
+    (default: kept in ``records``, for small disks and tests).
     """
 
-    def __init__(self, size: int, *, parent: Iterable[Record] | None = None, parent_size: int | None = None,
-                 block: int = BLOCK, algorithm_name: str = DEFAULT,
-                 sink: Callable[[int, bytes], None] | None = None):
+    def __init__(self, size: int, *, parent: Records | Iterable[Record] | None = None,
+                 parent_size: int | None = None, block: int = BLOCK, algorithm_name: str = DEFAULT,
+                 sink: Callable[[int, bytes], None] | None = None,
+                 sink_raw: Callable[[bytes], None] | None = None):
         self.size = size
         self.block = block
         self.algorithm = algorithm(algorithm_name)
@@ -117,9 +238,15 @@ class BlockHasher:
         self.full = parent is None
         self.records: list[Record] = []
         self._sink = sink or (lambda i, d: self.records.append((i, d)))
+        k = self.algorithm.size
+        self._sink_raw = sink_raw or (lambda raw: [self._sink(i, d) for i, d in decode(raw, k)])
         self._n = block_count(size, block)
-        self._parent = iter(parent) if parent is not None else iter(())
-        self._pnext: Record | None = None
+        old = size if parent_size is None else parent_size
+        if parent is None:
+            parent = Records((), k)
+        elif not isinstance(parent, Records):
+            parent = Records.of(parent, k, block_count(old, block))
+        self._parent = parent
         self._pending: dict[int, int] = {}
         self._covered: dict[int, int] = {}
         self._pieces: dict[int, list[tuple[int, bytes]]] = {}
@@ -131,10 +258,9 @@ class BlockHasher:
         self.reread: list[int] = []  # blocks to read again, in the order found
         self._handed = 0
         self._lock = threading.Lock()
-        old = size if parent_size is None else parent_size
         if old > size:
             raise ValueError("the parent's disk is larger: a shrunk disk starts a new chain")
-        if parent is not None and old < size and old % block:
+        if not self.full and old < size and old % block:
             b = old // block
             self._waiting.add(b)
             self._final[b] = None  # the parent's record of it is superseded
@@ -143,35 +269,20 @@ class BlockHasher:
 
     # -- the stream out ------------------------------------------------------------------
 
-    def _next_parent(self) -> Record | None:
-        rec = next(self._parent, None)
-        if rec is not None and rec[0] * self.block >= self._parent_size:
-            raise ValueError(f"parent sums name block {rec[0]}, beyond the parent's disk")
-        return rec
-
     def _emit(self, limit: int) -> None:
-        """Emit every block below ``limit`` (all final), merging the parent's records."""
+        """Emit every block below ``limit`` (all final): the parent's records pass through in
+        runs, the touched blocks' new records replace theirs."""
         if limit <= self._out:
             return
-        finals = sorted(b for b in self._final if b < limit)
-        fi = 0
-        p = self._pnext if self._pnext is not None else self._next_parent()
-        while p is not None and p[0] < limit:
-            while fi < len(finals) and finals[fi] < p[0]:
-                d = self._final.pop(finals[fi])
-                if d is not None:
-                    self._sink(finals[fi], d)
-                fi += 1
-            if fi < len(finals) and finals[fi] == p[0]:
-                pass  # touched: the new digest wins (emitted by the loop above or below)
-            else:
-                self._sink(p[0], p[1])
-            p = self._next_parent()
-        for b in finals[fi:]:
+        for b in sorted(b for b in self._final if b < limit):
+            while raw := self._parent.take_below(b):
+                self._sink_raw(raw)
+            self._parent.drop(b)
             d = self._final.pop(b)
             if d is not None:
                 self._sink(b, d)
-        self._pnext = p
+        while raw := self._parent.take_below(limit):
+            self._sink_raw(raw)
         self._out = limit
 
     def _emit_ready(self) -> None:
@@ -291,9 +402,9 @@ class BlockHasher:
                 raise RuntimeError(f"{len(self._waiting)} block(s) were never hashed")
             self._frontier = self._n
             self._emit(self._n)
-            rest = self._pnext if self._pnext is not None else self._next_parent()
+            rest = self._parent.peek()
             if rest is not None:
-                raise ValueError(f"parent sums name block {rest[0]}, beyond the disk")
+                raise ValueError(f"parent sums name block {rest}, beyond the disk")
 
     # -- for tests and small disks ---------------------------------------------------------
 

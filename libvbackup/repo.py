@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from . import checksum, lock as lock_mod, manifest as mf, sums
 from .errors import RepositoryError
@@ -187,7 +187,7 @@ class Repository:
         return d
 
     # -- points ---------------------------------------------------------------------------
-    def open_sums(self, vm: str, pd: mf.PointDisk) -> tuple[BinaryIO, Iterator[checksum.Record]]:
+    def open_sums(self, vm: str, pd: mf.PointDisk) -> tuple[BinaryIO, checksum.Records]:
         """A point's stored digests of one disk, checked against the manifest, as an open file
         (the caller closes it) and the stream of its records, read as they are needed."""
         path = self.sums_path(vm, pd.image)
@@ -207,7 +207,7 @@ class Repository:
             raise RepositoryError(f"checksums {path} do not match the manifest (corrupted?)",
                                   "run 'libvbackup verify', then a full backup")
         f.seek(0)
-        return f, layout.records(f)
+        return f, layout.stream(f)
 
     def create_sums(self, directory: pathlib.Path, disk: str) -> BinaryIO:
         """A new private sums file in a point's directory (the caller fsyncs and closes it)."""

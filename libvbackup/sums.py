@@ -24,7 +24,7 @@ import hashlib
 import struct
 from typing import BinaryIO, Iterator
 
-from .checksum import BLOCK, DEFAULT, Algorithm, Record, algorithm, block_count
+from .checksum import BLOCK, DEFAULT, Algorithm, Record, Records, algorithm, block_count
 
 DENSE, SPARSE = 1, 2  # sums formats
 PREFIX = b"libvbackup sparse sums 2\0"
@@ -59,6 +59,15 @@ class Layout:
         if self.format == DENSE:
             return n == block_count(self.size, self.block) * k
         return n % (8 + k) == 0 and n // (8 + k) <= block_count(self.size, self.block)
+
+    def stream(self, f: BinaryIO) -> Records:
+        """The file's records as a ``Records`` stream: a sparse file's bytes as they are, an
+        older dense file's digests of non-zero blocks packed as records."""
+        k, n = self.algorithm.size, block_count(self.size, self.block)
+        if self.format == SPARSE:
+            step = 8 + k
+            return Records(iter(lambda: f.read(READ_CHUNK // step * step), b""), k, n)
+        return Records.of(self.records(f), k, n)
 
     def records(self, f: BinaryIO) -> Iterator[Record]:
         """The file's digests of non-zero blocks, in block order, whatever its format."""
@@ -108,6 +117,20 @@ class SumsWriter:
         self._last = index
         self._buf += struct.pack(">Q", index) + digest
         self.count += 1
+        if len(self._buf) >= READ_CHUNK:
+            self._flush()
+
+    def add_raw(self, raw: bytes) -> None:
+        """A run of records as they are (a parent's, passed through)."""
+        if not raw:
+            return
+        step = 8 + self.layout.algorithm.size
+        first = struct.unpack_from(">Q", raw, 0)[0]
+        if first <= self._last or len(raw) % step:
+            raise ValueError(f"sums record for block {first} out of order")
+        self._last = struct.unpack_from(">Q", raw, len(raw) - step)[0]
+        self._buf += raw
+        self.count += len(raw) // step
         if len(self._buf) >= READ_CHUNK:
             self._flush()
 

@@ -75,7 +75,8 @@ class Digests:
         self.layout = sums.Layout(size, block, algo)
         self._writer = sums.SumsWriter(self._file, self.layout)
         self.hasher = checksum.BlockHasher(size, parent=parent, parent_size=parent_size, block=block,
-                                           algorithm_name=algo, sink=self._writer.add)
+                                           algorithm_name=algo, sink=self._writer.add,
+                                           sink_raw=self._writer.add_raw)
 
     def complete(self) -> str:
         """After the copy: the last records written, the file on disk; returns the blkhash."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator
 
 from . import checksum, engine, imagefile, qcow2
 from .errors import Error, NotFound
@@ -34,12 +33,14 @@ class _Layer:
 
 
 class _Compare:
-    """The stored records against the ones the hasher produces, both in block order."""
+    """The stored records against the ones the hasher produces, both in block order: runs the
+    hasher passes through from the parent are compared as bytes, record by record only where
+    they differ."""
 
-    def __init__(self, stored: Iterator[checksum.Record], block: int):
+    def __init__(self, stored: checksum.Records, block: int, digest_size: int):
         self.stored = stored
         self.block = block
-        self.next = next(stored, None)
+        self.k = digest_size
         self.bad: list[int] = []
         self.count = 0
 
@@ -48,21 +49,28 @@ class _Compare:
         if len(self.bad) < MAX_REPORTED:
             self.bad.append(index * self.block)
 
+    def produced_raw(self, raw: bytes) -> None:
+        if self.stored.peek_bytes(len(raw)) == raw:
+            self.stored.skip_bytes(len(raw))
+            return
+        for index, digest in checksum.decode(raw, self.k):
+            self.produced(index, digest)
+
     def produced(self, index: int, digest: bytes) -> None:
-        while self.next is not None and self.next[0] < index:
-            self._mismatch(self.next[0])  # stored as data, reads as zeroes now
-            self.next = next(self.stored, None)
-        if self.next is not None and self.next[0] == index:
-            if self.next[1] != digest:
+        nxt = self.stored.peek()
+        while nxt is not None and nxt < index:
+            self._mismatch(nxt)  # stored as data, reads as zeroes now
+            self.stored.next()
+            nxt = self.stored.peek()
+        if nxt == index:
+            if self.stored.next()[1] != digest:
                 self._mismatch(index)
-            self.next = next(self.stored, None)
         else:
             self._mismatch(index)  # data now where the backup had zeroes
 
     def finish(self) -> None:
-        while self.next is not None:
-            self._mismatch(self.next[0])
-            self.next = next(self.stored, None)
+        while (rec := self.stored.next()) is not None:
+            self._mismatch(rec[0])
 
 
 class _Verifier:
@@ -136,9 +144,10 @@ class _Verifier:
                 except Error:
                     return _Layer([f"cannot be checked: the checksums of {parent.image} are damaged"])
                 files.append(pf)
-            compare = _Compare(stored, pd.block_size)
+            compare = _Compare(stored, pd.block_size, checksum.algorithm(pd.checksum).size)
             hasher = checksum.BlockHasher(pd.size, parent=parent_records, parent_size=parent.size if parent else None,
-                                          block=pd.block_size, algorithm_name=pd.checksum, sink=compare.produced)
+                                          block=pd.block_size, algorithm_name=pd.checksum, sink=compare.produced,
+                                          sink_raw=compare.produced_raw)
             with imagefile.FileSource(str(path), pd.size, own_layer=parent is not None) as src:
                 engine.copy(src, engine.Discard(pd.size, reads_as_zero=parent is None), observer=hasher)
             hasher.done()
