@@ -253,6 +253,7 @@ def _point(repository: Repository, dom, planned: Planned, req: Request, record: 
             size=r.size, bytes_copied=r.bytes_copied, bytes_zeroed=r.bytes_zeroed,
             bitmap=by_name[r.name].bitmap, source_format=by_name[r.name].format,
             blkhash=r.blkhash, block_size=r.block, checksum=r.algorithm, sums_format=r.sums_format,
+            reason=by_name[r.name].reason,
         )
         for r in results
     }

@@ -32,6 +32,7 @@ class PointDisk:
     block_size: int = 1 << 20  # the block size of those digests (older repositories: 1 MiB)
     checksum: str = LEGACY  # the algorithm of those digests (older repositories: SHA-256)
     sums_format: int = DENSE  # 1: a digest per block (older points); 2: sparse (checksum.py)
+    reason: str | None = None  # why this disk is full in an incremental point, or that it grew
 
 
 @dataclasses.dataclass
@@ -129,6 +130,7 @@ def _disk(name: str, dd: Any, at: str) -> PointDisk:
         block_size=_block_size(_opt(dd, "block_size", int, where, 1 << 20), where),
         checksum=_checksum(_opt(dd, "checksum", str, where, LEGACY), where),
         sums_format=_sums_format(_opt(dd, "sums_format", int, where, DENSE), where),
+        reason=_opt(dd, "reason", str, where, None),
     )
 
 

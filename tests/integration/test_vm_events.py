@@ -299,6 +299,7 @@ def test_disk_grown_online_continues_the_chain(make_vm, repo, workdir):
     m = Repository(repo).load(vm.name)
     assert (m.get("c2").level, m.get("c2").parent) == ("incremental", "c1")
     assert (m.get("c1").disks["vda"].size, m.get("c2").disks["vda"].size) == (old, new)
+    assert m.get("c2").disks["vda"].reason == f"grew from {old} to {new} bytes since c1"  # recorded too
 
     vm["vda"].write(new - 1, b"!")
     r = pull(vm.name, repo=str(repo), level="auto", checkpoint="c3")
@@ -386,6 +387,7 @@ def test_disks_added_removed_and_replaced_between_points(vm, repo, workdir):
     vdc = out["disks"]["vdc"]
     assert (vdc["mode"], vdc["backing"]) == ("full", None)
     assert vdc["reason"].startswith("replaced since c3 (") and str(new_path) in vdc["reason"], vdc["reason"]
+    assert Repository(repo).load(vm.name).get("c4").disks["vdc"].reason == vdc["reason"]  # recorded too
     at_c4 = snap(vm)
 
     assert verify(vm.name, repo=str(repo)).ok
