@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 import time
 from typing import Callable, Sequence
 
@@ -170,12 +171,13 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
     chosen = domxml.select_disks(domxml.parse_disks(domain_xml), req.disks, req.exclude)
     manifest = repository.load(vm)
     sizes = {d.target: dom.disk_capacity(d.target) for d in chosen}
+    identities = _identities(dom, chosen)
     probe = checkpoints.Probe(dom, manifest, failed,
-                              needed=lambda chk: needs_bitmap(manifest.get(chk), chosen, sizes))
+                              needed=lambda chk: needs_bitmap(manifest.get(chk), chosen, sizes, identities))
     choice = choose_parent(manifest, level=req.level, incremental=req.incremental, unusable=probe.unusable)
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=probe.checkpoint_names, checkpoint=req.checkpoint,
                        incremental=choice.parent, prefix=repository.checkpoint_prefix, sizes=sizes,
-                       redefine=probe.needs_redefine)
+                       redefine=probe.needs_redefine, identities=identities)
     for d in plan.disks:
         if d.backing and not repository.image(vm, d.backing).is_file():
             raise RepositoryError(f"image {repository.image(vm, d.backing)} of point {plan.parent!r} is missing",
@@ -183,6 +185,22 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
     run_dir = scratch.run_dir(scratch.base(req.scratch_dir), vm, plan.checkpoint)
     docs = documents(plan, run_dir, str(repository.root), req.mode)
     return Planned(domain_xml, docs, manifest, choice, seen)
+
+
+def _identities(dom, disks) -> dict[str, str]:
+    """"device:inode" of each disk's source file, when libvirt runs on this host: a file put in
+    place of another at the same path is another image, whatever its name."""
+    if not dom.local:
+        return {}
+    out = {}
+    for d in disks:
+        try:
+            st = os.stat(d.source)
+        except (OSError, TypeError):
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[d.target] = f"{st.st_dev}:{st.st_ino}"
+    return out
 
 
 def _redefine(dom, repository: Repository, req: Request, planned: Planned) -> Planned:
@@ -253,7 +271,7 @@ def _point(repository: Repository, dom, planned: Planned, req: Request, record: 
             size=r.size, bytes_copied=r.bytes_copied, bytes_zeroed=r.bytes_zeroed,
             bitmap=by_name[r.name].bitmap, source_format=by_name[r.name].format,
             blkhash=r.blkhash, block_size=r.block, checksum=r.algorithm, sums_format=r.sums_format,
-            reason=by_name[r.name].reason,
+            reason=by_name[r.name].reason, identity=by_name[r.name].identity,
         )
         for r in results
     }

@@ -33,6 +33,7 @@ class PointDisk:
     checksum: str = LEGACY  # the algorithm of those digests (older repositories: SHA-256)
     sums_format: int = DENSE  # 1: a digest per block (older points); 2: sparse (checksum.py)
     reason: str | None = None  # why this disk is full in an incremental point, or that it grew
+    identity: str | None = None  # "device:inode" of the source file it was copied from, if local
 
 
 @dataclasses.dataclass
@@ -131,6 +132,7 @@ def _disk(name: str, dd: Any, at: str) -> PointDisk:
         checksum=_checksum(_opt(dd, "checksum", str, where, LEGACY), where),
         sums_format=_sums_format(_opt(dd, "sums_format", int, where, DENSE), where),
         reason=_opt(dd, "reason", str, where, None),
+        identity=_opt(dd, "identity", str, where, None),
     )
 
 

@@ -32,6 +32,7 @@ class PlannedDisk:
     reason: str | None = None  # why a disk is copied in full inside an incremental backup, or a
     # note on an incremental one (it grew since the parent)
     size: int | None = None  # virtual size now, when known
+    identity: str | None = None  # "device:inode" of the source file now, when known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +78,18 @@ def plan_backup(
     prefix: str = "lvb",
     sizes: Mapping[str, int] | None = None,
     redefine: Sequence[str] = (),
+    identities: Mapping[str, str] | None = None,
 ) -> BackupPlan:
     """Choose the checkpoint, parent, level, and per-disk full/incremental mode of a backup.
 
     ``disks`` are the disks chosen for this backup (see ``domxml.select_disks``), ``sizes``
-    their virtual sizes now. ``redefine``: checkpoints libvirt lost that will be given back
+    their virtual sizes now, ``identities`` the identity of their source files now (device and
+    inode, when libvirt runs here: a file replaced at the same path is another image). ``redefine``: checkpoints libvirt lost that will be given back
     before the job starts (``libvirt_checkpoints`` already counts them); kept in the plan only
     when the chosen parent's chain needs them.
     """
     sizes = sizes or {}
+    identities = identities or {}
     taken = set(libvirt_checkpoints) | {p.checkpoint for p in manifest.points}
     if checkpoint is None:
         checkpoint = default_checkpoint_name(taken=taken, prefix=prefix)
@@ -116,7 +120,7 @@ def plan_backup(
     before = disks_of(parent) if parent else {}
     for d in disks:
         size = sizes.get(d.target)
-        full, reason = disk_mode(parent, d, size, before) if parent else (True, None)
+        full, reason = disk_mode(parent, d, size, before, identities.get(d.target)) if parent else (True, None)
         planned.append(
             PlannedDisk(
                 name=d.target,
@@ -126,6 +130,7 @@ def plan_backup(
                 format=d.format,
                 reason=reason,
                 size=size,
+                identity=identities.get(d.target),
             )
         )
     if parent is not None and all(p.full for p in planned):
@@ -168,7 +173,8 @@ def replaced(before: Disk | None, now: Disk) -> str | None:
     return None
 
 
-def disk_mode(parent: Point, d: Disk, size: int | None, before: dict[str, Disk]) -> tuple[bool, str | None]:
+def disk_mode(parent: Point, d: Disk, size: int | None, before: dict[str, Disk],
+              identity: str | None = None) -> tuple[bool, str | None]:
     """(full, reason) of disk ``d`` (now ``size`` bytes) in a backup incremental from ``parent``;
     ``before``: the parent's disks (``disks_of``). A full disk inside an incremental backup says
     why; an incremental one may carry a note (it grew)."""
@@ -176,6 +182,8 @@ def disk_mode(parent: Point, d: Disk, size: int | None, before: dict[str, Disk])
     if pdisk is None:
         return True, f"not in point {parent.checkpoint}"
     why = replaced(before.get(d.target), d)
+    if why is None and identity and pdisk.identity and identity != pdisk.identity:
+        why = f"another file at {d.source}"
     if why is not None:
         return True, f"replaced since {parent.checkpoint} ({why}): a new chain"
     if not pdisk.bitmap or not d.bitmap_capable:
@@ -187,12 +195,14 @@ def disk_mode(parent: Point, d: Disk, size: int | None, before: dict[str, Disk])
     return False, None
 
 
-def needs_bitmap(parent: Point, disks: Sequence[Disk], sizes: Mapping[str, int] | None = None) -> set[str]:
+def needs_bitmap(parent: Point, disks: Sequence[Disk], sizes: Mapping[str, int] | None = None,
+                 identities: Mapping[str, str] | None = None) -> set[str]:
     """The disks whose bitmap of ``parent``'s checkpoint a backup incremental from it would use:
     a broken bitmap of any other disk (replaced, left out, removed) does not stop the backup."""
     before = disks_of(parent)
-    sizes = sizes or {}
-    return {d.target for d in disks if not disk_mode(parent, d, sizes.get(d.target), before)[0]}
+    sizes, identities = sizes or {}, identities or {}
+    return {d.target for d in disks
+            if not disk_mode(parent, d, sizes.get(d.target), before, identities.get(d.target))[0]}
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -405,3 +405,28 @@ def _drop_disk(xml: str, target: str) -> str:
         if d.find("target").get("dev") == target:
             d.getparent().remove(d)
     return etree.tostring(root, encoding="unicode")
+
+
+def test_a_file_put_in_place_of_a_disk_at_the_same_path_is_another_image(make_vm, repo, workdir):
+    """The source path is the same but the file is another one (another inode): that disk gets a
+    full backup, never an incremental against the old image's chain."""
+    vm = make_vm((8 * MiB, "qcow2"), (4 * MiB, "qcow2"))
+    vm["vda"].fill(0, MiB, 0x91)
+    vm["vdb"].fill(MiB, MiB, 0x92)
+    pull(vm.name, repo=str(repo), checkpoint="c1")
+    vdb = vm["vdb"].path
+    before = os.stat(vdb).st_ino
+    shutil.copyfile(vdb, str(vdb) + ".new")
+    os.chmod(str(vdb) + ".new", os.stat(vdb).st_mode)
+    os.rename(str(vdb) + ".new", vdb)  # QEMU keeps writing to the file it has open
+    assert os.stat(vdb).st_ino != before
+    vm["vda"].fill(2 * MiB, 4096, 0x93)
+    vm["vdb"].fill(0, 4096, 0x94)
+    r = pull(vm.name, repo=str(repo), level="auto", checkpoint="c2")
+    assert (r.level, r.parent, r.disks["vda"].mode) == ("incremental", "c1", "incremental")
+    assert r.disks["vdb"].mode == "full"
+    assert r.disks["vdb"].reason == f"replaced since c1 (another file at {vdb}): a new chain"
+    m = Repository(repo).load(vm.name)
+    assert m.get("c2").disks["vdb"].backing is None and m.get("c2").disks["vdb"].reason == r.disks["vdb"].reason
+    assert m.get("c2").disks["vdb"].identity == f"{os.stat(vdb).st_dev}:{os.stat(vdb).st_ino}"
+    assert_restores(repo, vm.name, "c2", snap(vm), workdir)
