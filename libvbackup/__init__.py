@@ -8,6 +8,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``domxml``      reading a domain's XML: which disks can be backed up (pure)
 - ``xmlgen``      <domainbackup>/<domaincheckpoint> documents from xml_templates/ (pure)
 - ``extents``     NBD extent merging and copy planning (pure)
+- ``records``     sparse digest records as a stream of raw bytes (pure)
 - ``checksum``    block digests of guest data (pure; xxhash loads only when digests are made)
 - ``sums``        how a point stores its digests: sparse records, the blkhash (pure)
 - ``manifest``    the repository's on-disk format (pure parse/serialise)
@@ -15,6 +16,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``checkpoints`` libvirt's checkpoints seen from the repository: usable, redefinable, whose
 - ``documents``   the XML documents of a plan (pure)
 - ``qcow2``       where each cluster of a new qcow2 image goes, and its metadata (pure)
+- ``qcow2map``    reading any qcow2 image: its header, its own layer's map (pure)
 - ``lock``        the per-VM lock, never unlinked; its holder proven by the kernel
 - ``progress``    progress lines and counters
 - ``signals``     SIGINT/SIGTERM around a run, the umask

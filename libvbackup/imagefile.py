@@ -23,7 +23,7 @@ import select
 import subprocess
 import threading
 
-from . import nbdio, qcow2
+from . import nbdio, qcow2map
 from .errors import CopyError, ToolError
 from .extents import Extent
 
@@ -68,7 +68,7 @@ class FileSource:
         self._pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="image-read")
         self._wake: int | None = None
         self._map: subprocess.Popen | None = None
-        self._own = None  # the own layer mapped from the image's tables (qcow2.own_map)
+        self._own = None  # the own layer mapped from the image's tables (qcow2map.own_map)
         self._first: dict | None = None
         self._pos = 0  # the map has been read up to here
         self._carry: dict | None = None  # a map entry read but not used up
@@ -148,10 +148,10 @@ class FileSource:
             # A small own layer is mapped here from its L1/L2 tables: no process to start
             # (a qemu-img map per layer was most of a 60-point verify).
             try:
-                self._own = qcow2.own_map(lambda n, off: os.pread(self.fd, n, off), start)
+                self._own = qcow2map.own_map(lambda n, off: os.pread(self.fd, n, off), start)
                 self._first = next(self._own, None)
                 return
-            except qcow2.Unsupported:
+            except qcow2map.Unsupported:
                 self._own = None
             except OSError as e:
                 raise CopyError(f"cannot read {self.path}: {e.strerror}") from e

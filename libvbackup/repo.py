@@ -20,7 +20,7 @@ import os
 import pathlib
 from typing import BinaryIO
 
-from . import checksum, lock as lock_mod, manifest as mf, sums
+from . import lock as lock_mod, manifest as mf, records, sums
 from .errors import RepositoryError
 from .plan import check_name
 
@@ -187,7 +187,7 @@ class Repository:
         return d
 
     # -- points ---------------------------------------------------------------------------
-    def open_sums(self, vm: str, pd: mf.PointDisk) -> tuple[BinaryIO, checksum.Records]:
+    def open_sums(self, vm: str, pd: mf.PointDisk) -> tuple[BinaryIO, records.Records]:
         """A point's stored digests of one disk, checked against the manifest, as an open file
         (the caller closes it) and the stream of its records, read as they are needed."""
         path = self.sums_path(vm, pd.image)

@@ -12,7 +12,7 @@ import os
 import pathlib
 from typing import Sequence
 
-from . import engine, imagefile, nbdio, qcow2, target
+from . import engine, imagefile, nbdio, qcow2, qcow2map, target
 from .errors import NotFound, RepositoryError, UsageError
 from .progress import Progress
 from .repo import Repository, fsync_dir as repo_fsync_dir
@@ -118,7 +118,7 @@ def _chain_files(repository: Repository, m, pd) -> list[str] | None:
         path = repository.image(m.vm, pd.image)
         try:
             with open(path, "rb") as f:
-                _size, backing = qcow2.read_header(f.read(qcow2.CLUSTER))
+                _size, backing = qcow2map.read_header(f.read(qcow2.CLUSTER))
         except (OSError, ValueError):
             return None
         if backing != (repository.backing_name(pd.backing) if pd.backing else None):

@@ -24,7 +24,8 @@ import hashlib
 import struct
 from typing import BinaryIO, Iterator
 
-from .checksum import BLOCK, DEFAULT, Algorithm, Record, Records, algorithm, block_count
+from .checksum import BLOCK, DEFAULT, Algorithm, algorithm, block_count
+from .records import Record, Records
 
 DENSE, SPARSE = 1, 2  # sums formats
 PREFIX = b"libvbackup sparse sums 2\0"

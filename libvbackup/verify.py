@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from . import checksum, engine, imagefile, qcow2
+from . import checksum, engine, imagefile, qcow2, qcow2map, records
 from .errors import Error, NotFound
 from .manifest import Manifest, Point, PointDisk
 from .repo import Repository
@@ -37,7 +37,7 @@ class _Compare:
     hasher passes through from the parent are compared as bytes, record by record only where
     they differ."""
 
-    def __init__(self, stored: checksum.Records, block: int, digest_size: int):
+    def __init__(self, stored: records.Records, block: int, digest_size: int):
         self.stored = stored
         self.block = block
         self.k = digest_size
@@ -53,7 +53,7 @@ class _Compare:
         if self.stored.peek_bytes(len(raw)) == raw:
             self.stored.skip_bytes(len(raw))
             return
-        for index, digest in checksum.decode(raw, self.k):
+        for index, digest in records.decode(raw, self.k):
             self.produced(index, digest)
 
     def produced(self, index: int, digest: bytes) -> None:
@@ -121,7 +121,7 @@ class _Verifier:
             return _Layer([f"image {path} is missing"])
         try:
             with open(path, "rb") as f:
-                size, backing = qcow2.read_header(f.read(qcow2.CLUSTER))
+                size, backing = qcow2map.read_header(f.read(qcow2.CLUSTER))
         except (OSError, ValueError) as e:
             return _Layer([f"image {path} cannot be read: {getattr(e, 'strerror', None) or e}"])
         want = self.repository.backing_name(pd.backing) if pd.backing else None

@@ -9,7 +9,7 @@ import pytest
 import xxhash
 from hypothesis import given, settings, strategies as st
 
-from libvbackup import checksum, sums
+from libvbackup import checksum, records, sums
 
 BLOCK = 4096  # small blocks so that examples span many of them
 # The reference implementations, independent of libvbackup's table of algorithms.
@@ -177,7 +177,7 @@ def _incremental_over(n: int) -> int:
     seen = {"records": 0, "last": -1, "new": 0}
 
     def sink_raw(raw):
-        assert len(raw) % step == 0 and len(raw) <= checksum.RUN
+        assert len(raw) % step == 0 and len(raw) <= records.RUN
         first, last = int.from_bytes(raw[:8], "big"), int.from_bytes(raw[-step:-16], "big")
         assert seen["last"] < first <= last
         seen["records"] += len(raw) // step
@@ -187,7 +187,7 @@ def _incremental_over(n: int) -> int:
         seen["new"] += 1
 
     tracemalloc.start()
-    h = checksum.BlockHasher(n * BLOCK, parent=checksum.Records(chunks(), 16, n), block=BLOCK, sink=sink,
+    h = checksum.BlockHasher(n * BLOCK, parent=records.Records(chunks(), 16, n), block=BLOCK, sink=sink,
                              sink_raw=sink_raw)
     for b in range(0, n, n // 20):
         h.issue(b * BLOCK, BLOCK)

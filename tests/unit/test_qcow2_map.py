@@ -1,4 +1,4 @@
-"""qcow2.own_map against qemu-img map of the image alone (backing: null), on images QEMU wrote
+"""qcow2map.own_map against qemu-img map of the image alone (backing: null), on images QEMU wrote
 (several cluster sizes, v2 and v3, zero clusters with and without unmap, a backing file) and on
 images from our writer: the same extents, cluster for cluster."""
 
@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from libvbackup import qcow2, target
+from libvbackup import qcow2map, target
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -39,7 +39,7 @@ def normal(entries) -> list[tuple]:
 def own(path, start=0) -> list[dict]:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return list(qcow2.own_map(lambda n, off: os.pread(fd, n, off), start))
+        return list(qcow2map.own_map(lambda n, off: os.pread(fd, n, off), start))
     finally:
         os.close(fd)
 
@@ -97,15 +97,15 @@ def test_own_map_refuses_what_it_does_not_read(tmp_path):
     raw = tmp_path / "r.raw"
     raw.write_bytes(b"x" * MiB)
     subprocess.run(["qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
-    with pytest.raises(qcow2.Unsupported, match="compressed"):
+    with pytest.raises(qcow2map.Unsupported, match="compressed"):
         own(path)
     many = tmp_path / "m.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(many), "64G"], check=True)
     cmds = [a for i in range(70) for a in ("-c", f"write -P 1 {i * 512 * MiB} 4096")]
     subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(many)], check=True, capture_output=True)
-    with pytest.raises(qcow2.Unsupported, match="too many L2 tables"):
+    with pytest.raises(qcow2map.Unsupported, match="too many L2 tables"):
         own(many)
-    with pytest.raises(qcow2.Unsupported):
+    with pytest.raises(qcow2map.Unsupported):
         own(raw)
 
 
