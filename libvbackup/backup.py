@@ -27,7 +27,7 @@ import time
 from typing import Callable, Sequence
 
 from . import checkpoints, domxml, journal, manifest as mf, pull as pull_transport, push as push_transport
-from . import scratch
+from . import quiesce, scratch
 from .documents import Documents, documents
 from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
 from .journal import RunRecord, RunState
@@ -55,6 +55,7 @@ class Request:
     disks: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     scratch_dir: str | None = None
+    quiesce: str = "auto"
 
     @property
     def requested_level(self) -> str:
@@ -67,6 +68,7 @@ class Planned:
     docs: Documents
     manifest: mf.Manifest
     choice: ParentChoice
+    quiesce: quiesce.QuiescePlan
     seen: tuple  # what the plan was made from, to tell whether it must be made again
 
 
@@ -95,9 +97,15 @@ def backup(
     dry_run: bool = False,
     progress: str = "none",
     scratch_limit: int | None = None,
+    quiesce: str = "auto",
     on_job_started: Callable[[], None] | None = None,
 ) -> BackupResult:
     """Take a backup of a running VM (``mode`` pull or push).
+
+    ``quiesce``: ``auto`` freezes the guest's file systems through its agent while the job
+    begins when an agent is connected, and warns otherwise (the point is then crash-consistent);
+    ``yes`` refuses to run without a connected agent; ``no`` never freezes. The guest is thawed
+    as soon as the job exists, in every path (``quiesce``).
 
     ``on_job_started`` is called once the point in time is fixed (job and checkpoint exist)
     and before copying starts: the place to thaw guest file systems frozen before the call.
@@ -106,7 +114,7 @@ def backup(
     """
     if mode not in TRANSPORTS:
         raise UsageError(f"unknown backup mode {mode!r}; use pull or push")
-    req = Request(vm, mode, checkpoint, incremental, level, tuple(disks), tuple(exclude), scratch_dir)
+    req = Request(vm, mode, checkpoint, incremental, level, tuple(disks), tuple(exclude), scratch_dir, quiesce)
     repository = Repository(repo)
     if dry_run:
         repository.check_readable()
@@ -182,9 +190,10 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
         if d.backing and not repository.image(vm, d.backing).is_file():
             raise RepositoryError(f"image {repository.image(vm, d.backing)} of point {plan.parent!r} is missing",
                                   "run a full backup (--level full) to start a new chain")
+    qplan = quiesce.plan(vm, req.quiesce, domxml.agent_state(domain_xml))
     run_dir = scratch.run_dir(scratch.base(req.scratch_dir), vm, plan.checkpoint)
     docs = documents(plan, run_dir, str(repository.root), req.mode)
-    return Planned(domain_xml, docs, manifest, choice, seen)
+    return Planned(domain_xml, docs, manifest, choice, qplan, seen)
 
 
 def _identities(dom, disks) -> dict[str, str]:
@@ -233,9 +242,15 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
         partial.mkdir(mode=0o700)
         record.state = RunState.JOB
         journal.write(repository, record)
-        ctx = RunContext(repository, dom, docs, planned.manifest, partial, progress, scratch_limit, on_job_started)
+        def frozen(state: bool) -> None:
+            record.frozen = state
+            journal.write(repository, record)
+
+        freezer = quiesce.Freezer(dom, planned.quiesce, dom.uri, frozen)
+        ctx = RunContext(repository, dom, docs, planned.manifest, partial, progress, scratch_limit, on_job_started,
+                         freezer)
         results = TRANSPORTS[req.mode](ctx)
-        point = _point(repository, dom, planned, req, record, results, time.monotonic() - t0)
+        point = _point(repository, dom, planned, req, record, results, time.monotonic() - t0, freezer)
         repository.commit_point(planned.manifest, point)
         journal.cleanup(repository, dom, record)  # the point is in the manifest: only the run dir goes
     except BaseException as e:
@@ -251,7 +266,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
                              "abandoned and cleaned up",
                              "start the VM again and take a full backup (--level auto does)") from e
         raise
-    return _result(repository, planned, req, point)
+    return _result(repository, planned, req, point, note=freezer.note)
 
 
 def _still_running(dom) -> bool:
@@ -262,7 +277,7 @@ def _still_running(dom) -> bool:
 
 
 def _point(repository: Repository, dom, planned: Planned, req: Request, record: RunRecord,
-           results: list[DiskResult], seconds: float) -> mf.Point:
+           results: list[DiskResult], seconds: float, freezer: quiesce.Freezer) -> mf.Point:
     plan = planned.docs.plan
     by_name = {d.name: d for d in plan.disks}
     disks = {
@@ -278,11 +293,12 @@ def _point(repository: Repository, dom, planned: Planned, req: Request, record: 
     planned.manifest.uuid = planned.manifest.uuid or dom.uuid()
     return mf.Point(checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode=req.mode,
                     started=record.started, completed=journal.now(), seconds=round(seconds, 3), disks=disks,
-                    domain_xml=planned.domain_xml, checkpoint_xml=dom.checkpoint_xml(plan.checkpoint))
+                    domain_xml=planned.domain_xml, checkpoint_xml=dom.checkpoint_xml(plan.checkpoint),
+                    consistency=freezer.consistency, frozen_seconds=freezer.frozen_seconds)
 
 
 def _result(repository: Repository, planned: Planned, req: Request, point: mf.Point | None,
-            dry_run: bool = False) -> BackupResult:
+            dry_run: bool = False, note: str | None = None) -> BackupResult:
     plan = planned.docs.plan
     disks = {}
     for d in plan.disks:
@@ -295,5 +311,8 @@ def _result(repository: Repository, planned: Planned, req: Request, point: mf.Po
         vm=plan.vm, checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode=req.mode,
         requested_level=req.requested_level, fallback_reason=planned.choice.reason, redefined=plan.redefine,
         disks=disks, seconds=point.seconds if point is not None else None, dry_run=dry_run,
+        consistency=point.consistency if point is not None else ("quiesced" if planned.quiesce.freeze else "crash"),
+        frozen_seconds=point.frozen_seconds if point is not None else None,
+        consistency_note=note if point is not None else planned.quiesce.why_not,
         backup_xml=planned.docs.backup_xml if dry_run else None,
         checkpoint_xml=planned.docs.checkpoint_xml if dry_run else None)

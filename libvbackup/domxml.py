@@ -104,3 +104,16 @@ def select_disks(
     if not chosen:
         raise UsageError("no disk left to back up")
     return chosen
+
+
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def agent_state(domain_xml: str | bytes) -> str | None:
+    """The guest agent channel of a running domain's XML: "connected" (an agent opened the
+    port), "disconnected", or None when the domain has no ``org.qemu.guest_agent.0`` channel."""
+    root = etree.fromstring(domain_xml.encode() if isinstance(domain_xml, str) else domain_xml)
+    for target in root.iterfind("./devices/channel/target"):
+        if target.get("name") == AGENT_CHANNEL:
+            return target.get("state") or "disconnected"
+    return None

@@ -29,7 +29,7 @@ import time
 
 from lxml import etree
 
-from . import checkpoints, domxml
+from . import checkpoints, domxml, quiesce
 from .errors import Error, LibvirtError, StateError
 from .repo import Repository, fsync_dir
 
@@ -53,6 +53,7 @@ class RunRecord:
     run_dir: str | None = None
     partial: str | None = None
     final: str | None = None
+    frozen: bool = False  # the guest's file systems may be frozen (written before the freeze)
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
@@ -82,7 +83,8 @@ class RunRecord:
         return cls(vm=vm, checkpoint=text_field("checkpoint"), mode=text_field("mode") or "pull",
                    state=state, started=text_field("started") or "",
                    pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
-                   run_dir=text_field("run_dir"), partial=text_field("partial"), final=text_field("final"))
+                   run_dir=text_field("run_dir"), partial=text_field("partial"), final=text_field("final"),
+                   frozen=doc.get("frozen", False) is not False)
 
 
 def now() -> str:
@@ -140,7 +142,7 @@ def _bitmaps(checkpoint_xml: str) -> dict[str, str]:
             if d.get("checkpoint", "bitmap") == "bitmap" and d.get("name")}
 
 
-def _remove_bitmaps_offline(dom, checkpoint_xml: str) -> list[str]:
+def remove_bitmaps_offline(dom, checkpoint_xml: str) -> list[str]:
     """Remove a checkpoint's bitmaps from the images of a domain that is not running (QEMU stored
     them when it exited; libvirt 9.0 deletes checkpoints of running domains only). Returns the
     images whose bitmap could not be removed (as "disk (reason)")."""
@@ -197,7 +199,7 @@ def _delete_checkpoint(dom, chk: str, notes: list[str], todo: _Unfinished) -> No
             return
     xml = dom.checkpoint_xml(chk)
     dom.delete_checkpoint(chk, metadata_only=True)
-    left = _remove_bitmaps_offline(dom, xml)
+    left = remove_bitmaps_offline(dom, xml)
     notes.append(f"checkpoint {chk} removed from libvirt's metadata (VM {dom.name!r} is not running) "
                  "and its bitmaps from the images")
     log.info("%s", notes[-1])
@@ -218,6 +220,20 @@ def cleanup(repository: Repository, dom, record: RunRecord) -> list[str]:
     chk = record.checkpoint
     todo = _Unfinished(record.vm)
     notes: list[str] = []
+    if record.frozen:  # first of all: a frozen guest is an outage
+        if dom is None:
+            todo.failures.append(f"VM {record.vm!r} may still be frozen and libvirt could not be reached")
+            todo.by_hand.append(f"thaw it now: virsh domfsthaw {record.vm}")
+        else:
+            try:
+                quiesce.thaw(dom)
+                record.frozen = False
+                write(repository, record)
+                notes.append(f"the file systems of VM {record.vm!r} were thawed")
+                log.warning("%s", notes[-1])
+            except Error as e:
+                todo.failures.append(str(e.message))
+                todo.by_hand.append(f"thaw it now: virsh domfsthaw {record.vm}")
     try:
         completed = chk is not None and repository.load(record.vm).find(chk) is not None
     except Error as e:

@@ -48,6 +48,8 @@ class Point:
     disks: dict[str, PointDisk]
     domain_xml: str = ""
     checkpoint_xml: str = ""
+    consistency: str = "crash"  # "quiesced": guest file systems frozen when the point was taken
+    frozen_seconds: float | None = None
 
 
 @dataclasses.dataclass
@@ -169,6 +171,8 @@ def _point(raw: Any, at: str) -> Point:
         disks=disks,
         domain_xml=_opt(raw, "domain_xml", str, at, ""),
         checkpoint_xml=_opt(raw, "checkpoint_xml", str, at, ""),
+        consistency=_opt(raw, "consistency", str, at, "crash"),
+        frozen_seconds=_opt(raw, "frozen_seconds", (int, float), at, None),
     )
 
 

@@ -18,9 +18,8 @@ from .transport import DiskResult, RunContext
 
 def run(ctx: RunContext) -> list[DiskResult]:
     plan, docs, dom = ctx.plan, ctx.docs, ctx.dom
-    dom.backup_begin(docs.backup_xml, docs.checkpoint_xml)
+    ctx.begin_job()
     bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
-    ctx.job_started()
     jobs, sums = [], {}
     with contextlib.ExitStack() as opened:
         for d in plan.disks:

@@ -36,8 +36,7 @@ def run(ctx: RunContext) -> list[DiskResult]:
         path = docs.push_target(d.name)
         qemuimg.create(str(path), sizes[d.name], backing=ctx.backing(d), unsafe=True)
         scratch.give_to_qemu(path)
-    dom.backup_begin(docs.backup_xml, docs.checkpoint_xml, reuse_external=True)
-    ctx.job_started()
+    ctx.begin_job(reuse_external=True)
     _wait(ctx)
     done = dom.completed_job_stats()
     if not done.get("success", False):

@@ -30,7 +30,7 @@ def list_points(vm: str, *, repo: str) -> ListResult:
     return ListResult(vm, str(repository.root), tuple(
         PointInfo(p.checkpoint, p.parent, p.level, p.mode, p.completed, p.seconds, {
             n: PointDiskInfo(str(repository.image(vm, d.image)), d.size, d.bytes_copied, d.bytes_zeroed)
-            for n, d in p.disks.items()})
+            for n, d in p.disks.items()}, p.consistency, p.frozen_seconds)
         for p in m.points))
 
 
@@ -48,6 +48,13 @@ def restore(
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     repository = Repository(repo)
+    m, point, names = select(repository, vm, checkpoint, disks)
+    return RestoreResult(vm, point.checkpoint, write_images(repository, m, point, names, output, fmt, progress))
+
+
+def select(repository: Repository, vm: str, checkpoint: str | None, disks: Sequence[str] = ()):
+    """The manifest, the point (default: the newest) and the disks to restore, every image of
+    their chains checked to be there: before anything is written."""
     repository.check_readable()
     m = repository.load(vm)
     if checkpoint is None:
@@ -70,16 +77,28 @@ def restore(
             if not path.is_file():
                 raise RepositoryError(f"image {path} of point {p.checkpoint!r} is missing; "
                                       f"point {checkpoint!r} cannot be restored")
+    return m, point, names
+
+
+def check_output(output: str) -> pathlib.Path:
     out = pathlib.Path(output).absolute()
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"output {out} exists and is not a directory")
         if any(out.iterdir()):
             raise UsageError(f"output directory {out} is not empty; restore into a new or empty directory")
+    return out
+
+
+def write_images(repository: Repository, m, point, names, output: str, fmt: str, progress: str,
+                 dir_mode: int = 0o700) -> dict[str, RestoredDisk]:
+    """``output/<disk>.<fmt>`` for each disk; on failure nothing of it is left."""
+    out = check_output(output)
     created_dir = False
     if not out.exists():
         try:
-            out.mkdir(mode=0o700, parents=True)
+            out.mkdir(mode=dir_mode, parents=True)
+            os.chmod(out, dir_mode)  # whatever the umask
         except OSError as e:
             raise UsageError(f"cannot create output directory {out}: {e.strerror}") from e
         created_dir = True
@@ -91,12 +110,12 @@ def restore(
             dst = out / f"{n}.{fmt}"
             tmp = out / f".{n}.{fmt}.partial"
             written.append(tmp)
-            _copy_chain(_source(repository, m, point.disks[n]), str(tmp), fmt, n, progress)
+            write_disk(repository, m, point.disks[n], str(tmp), fmt, progress)
             os.replace(tmp, dst)
             repo_fsync_dir(out)
             written[-1] = dst
             result[n] = RestoredDisk(str(dst), point.disks[n].size, fmt)
-        return RestoreResult(vm, checkpoint, result)
+        return result
     except BaseException:
         for p in written:
             with contextlib.suppress(OSError):
@@ -139,9 +158,10 @@ def _source(repository: Repository, m, pd):
     return imagefile.FileSource(files[0], pd.size, chain=files)
 
 
-def _copy_chain(src, output: str, fmt: str, name: str, progress: str) -> None:
-    with src, contextlib.closing(target.open_target(output, src.size, fmt)) as dst:
+def write_disk(repository: Repository, m, pd, output: str, fmt: str, progress: str) -> None:
+    """One disk of a point, as it was, into a new image file ``output`` (flushed)."""
+    with _source(repository, m, pd) as src, contextlib.closing(target.open_target(output, src.size, fmt)) as dst:
         prog = Progress(progress)
-        prog.add(name, engine.planned_bytes(src, dst))
+        prog.add(pd.name, engine.planned_bytes(src, dst))
         with prog:
-            engine.copy(src, dst, progress=prog.callback(name))
+            engine.copy(src, dst, progress=prog.callback(pd.name))

@@ -50,6 +50,9 @@ class BackupResult(Result):
     dry_run: bool = False
     backup_xml: str | None = None
     checkpoint_xml: str | None = None
+    consistency: str = "crash"  # quiesced | crash (dry run: what is planned)
+    frozen_seconds: float | None = None  # how long guest writes were held by the freeze
+    consistency_note: str | None = None  # why the point is only crash-consistent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +112,8 @@ class PointInfo(Result):
     completed: str
     seconds: float
     disks: dict[str, PointDiskInfo]
+    consistency: str = "crash"
+    frozen_seconds: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +135,30 @@ class RestoreResult(Result):
     vm: str
     checkpoint: str
     disks: dict[str, RestoredDisk]
+
+
+@dataclasses.dataclass(frozen=True)
+class DefinedResult(Result):
+    """``restore --define``: a new domain whose disks are the restored images."""
+
+    vm: str
+    checkpoint: str
+    name: str
+    uuid: str
+    started: bool
+    disks: dict[str, RestoredDisk]
+    left_out: tuple[str, ...] = ()  # writable disks of the saved VM not in the point
+
+
+@dataclasses.dataclass(frozen=True)
+class InPlaceResult(Result):
+    """``restore --in-place``: the point's data written back into the domain's disk files."""
+
+    vm: str
+    checkpoint: str
+    disks: dict[str, RestoredDisk]
+    left_alone: tuple[str, ...]  # disks of the domain the point does not hold
+    checkpoints_dropped: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +187,14 @@ class VerifyResult(Result):
 @dataclasses.dataclass(frozen=True)
 class PruneResult(Result):
     vm: str
-    keep: tuple[str, ...]
-    remove: tuple[str, ...]
+    keep: tuple[str, ...]  # oldest first
+    remove: tuple[str, ...]  # oldest first
     flatten: tuple[str, ...]  # "<point>/<disk>" images rebased onto nothing
     dry_run: bool
     checkpoints_deleted: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # kept point -> "daily #2"
+    # "<point>/<disk>" -> the image it is rebased onto ("<point>/<disk>.qcow2"), None: flattened
+    rebase: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    completed: dict[str, str] = dataclasses.field(default_factory=dict)  # every point, oldest first
+    policy: str = ""  # the rules applied, e.g. "last 1, daily 7"

@@ -30,13 +30,22 @@ class RunContext:
     progress: str = "none"
     scratch_limit: int | None = None
     on_job_started: Callable[[], None] | None = None
+    freezer: object | None = None  # quiesce.Freezer: the guest frozen around backupBegin
 
     @property
     def plan(self) -> BackupPlan:
         return self.docs.plan
 
-    def job_started(self) -> None:
-        """The point in time is fixed (job and checkpoint exist): e.g. thaw the guest now."""
+    def begin_job(self, reuse_external: bool = False) -> None:
+        """Start the libvirt job (the point in time), the guest frozen around it if planned;
+        then tell the caller the point in time is fixed (``on_job_started``)."""
+        def begin() -> None:
+            self.dom.backup_begin(self.docs.backup_xml, self.docs.checkpoint_xml, reuse_external=reuse_external)
+
+        if self.freezer is None:
+            begin()
+        else:
+            self.freezer.run(begin)
         if self.on_job_started is not None:
             self.on_job_started()
 

@@ -24,8 +24,8 @@ def list_(
     if not result.points:
         typer.echo(f"no backup points of {vm} in {result.repo}")
         return
-    typer.echo(f"{'CHECKPOINT':<28} {'LEVEL':<13} {'PARENT':<28} {'COMPLETED':<26} DISKS")
+    typer.echo(f"{'CHECKPOINT':<28} {'LEVEL':<13} {'PARENT':<28} {'COMPLETED':<26} {'CONSISTENCY':<12} DISKS")
     for p in result.points:
         disks = ", ".join(f"{n} {human(d.bytes_copied)}" for n, d in p.disks.items())
         typer.echo(f"{p.checkpoint:<28} {p.level:<13} {p.parent or '-':<28} "
-                   f"{p.completed:<26} {disks}")
+                   f"{p.completed:<26} {p.consistency:<12} {disks}")

@@ -60,6 +60,12 @@ def backup_command(mode: str, doc: str):
                  "into the scratch images. The backup is also aborted when less than 256 MiB is left "
                  "on the scratch file system.",
         ),
+        quiesce: str = typer.Option(
+            "auto", "--quiesce", metavar="auto|yes|no",
+            help="Freeze the guest's file systems through its agent while the backup job begins "
+                 "(held for well under a second): auto = when an agent is connected, else warn and "
+                 "take a crash-consistent point; yes = refuse without an agent; no = never.",
+        ),
         uri: Optional[str] = UriOpt,
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
@@ -68,7 +74,7 @@ def backup_command(mode: str, doc: str):
         json_out: bool = JsonOpt,
     ) -> None:        run(mode=mode, vm=vm, repo=repo, incremental=incremental, level=level, checkpoint=checkpoint,
             disk=disk, exclude=exclude, scratch_dir=scratch_dir, scratch_limit=scratch_limit, uri=uri,
-            dry_run=dry_run, progress=progress, json_out=json_out)
+            dry_run=dry_run, progress=progress, json_out=json_out, quiesce=quiesce)
 
     command.__doc__ = doc
     command.__name__ = mode
@@ -79,13 +85,13 @@ pull = backup_command("pull", __doc__)
 
 
 def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclude, scratch_dir,
-        scratch_limit, uri, dry_run, progress, json_out) -> None:
+        scratch_limit, uri, dry_run, progress, json_out, quiesce="auto") -> None:
     """Shared by pull and push: options to keyword arguments, the result to text or JSON."""
     progress = progress_mode(progress, json_out)
     result = backup_op(
         vm, mode=mode, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
         disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
-        progress=progress, scratch_limit=parse_size(scratch_limit) if scratch_limit else None,
+        progress=progress, scratch_limit=parse_size(scratch_limit) if scratch_limit else None, quiesce=quiesce,
     )
     if json_out:
         emit_json(result.to_dict())
@@ -98,6 +104,8 @@ def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclu
     if dry_run:
         typer.echo(f"# plan: {result.level} backup of {vm}, new checkpoint {result.checkpoint}"
                    + (f", since {result.parent}" if result.parent else ""))
+        typer.echo("#   quiesce: freeze the guest's file systems while the job begins" if result.consistency == "quiesced"
+                   else f"#   crash-consistent: {result.consistency_note}")
         for name in result.redefined:
             typer.echo(f"#   first: redefine checkpoint {name} from the repository")
         for d in result.disks.values():
@@ -109,6 +117,10 @@ def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclu
         return
     since = f" since {result.parent}" if result.parent else ""
     typer.echo(f"{result.level} {mode} backup {result.checkpoint} of {vm}{since} done in {result.seconds:.1f} s")
+    if result.consistency == "quiesced":
+        typer.echo(f"  quiesced: guest file systems frozen for {result.frozen_seconds:.3f} s")
+    else:
+        typer.echo(f"  crash-consistent: {result.consistency_note}")
     for d in result.disks.values():
         note = f"  [{d.mode}: {d.reason}]" if d.reason else f"  [{d.mode}]"
         typer.echo(f"  {d.name}: {human(d.bytes_copied)} copied, {human(d.bytes_zeroed)} zeroed -> {d.image}{note}")

@@ -1,8 +1,23 @@
-"""Restore a backup point: one standalone image per disk, as the disk was at that point.
+"""Restore a backup point: the disks as images, as a new VM, or back into a shut-off VM.
 
-Writes OUTPUT/<disk>.<format> (e.g. OUTPUT/vda.qcow2) for every disk of the point, or the
-ones named with --disk. OUTPUT must be new or empty. The images have no backing file: they
-can be booted, attached or copied anywhere.
+With --output DIR, writes DIR/<disk>.<format> (e.g. DIR/vda.qcow2) for every disk of the
+point, or the ones named with --disk. DIR must be new or empty. The images have no backing
+file: they can be booted, attached or copied anywhere.
+
+With --define NAME (and --output DIR), the images are the disks of a new domain NAME defined
+from the domain XML saved with the point: new UUID, new MAC addresses, no checkpoints; with
+--start it is started too. A writable disk the point does not hold is left out of it.
+
+With --in-place --yes, the VM itself must be shut off: each of its disk files is replaced by
+the point's data (written beside it first, then renamed over it, owner and mode kept), and its
+libvirt checkpoints are dropped, so that its next backup is a full one.
+
+Examples:
+
+\b
+  libvbackup restore vm1 --output /srv/restore/vm1
+  libvbackup restore vm1 --checkpoint CHK --output /var/lib/libvirt/images/vm1-copy --define vm1-copy --start
+  libvbackup restore vm1 --checkpoint CHK --in-place --yes
 """
 
 from __future__ import annotations
@@ -11,24 +26,68 @@ from typing import List, Optional
 
 import typer
 
+from ..errors import UsageError
 from ..restore import restore as restore_op
-from .common import JsonOpt, ProgressOpt, RepoOpt, as_list, emit_json, progress_mode, repo_path
+from ..vmrestore import restore_as_vm, restore_in_place
+from .common import JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, emit_json, progress_mode, repo_path
 
 
 def restore(
     vm: str = typer.Argument(..., metavar="VM", help="Name of the VM the backups belong to."),
-    output: str = typer.Option(..., "--output", "-o", metavar="DIR", help="Directory for the images (new or empty)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="DIR",
+                                         help="Directory for the images (new or empty)."),
     repo: Optional[str] = RepoOpt,
     checkpoint: Optional[str] = typer.Option(
         None, "--checkpoint", metavar="NAME", help="Backup point to restore [default: the newest]."
     ),
     fmt: str = typer.Option("qcow2", "--format", "-f", metavar="qcow2|raw", help="Image format of the output."),
     disk: Optional[List[str]] = typer.Option(None, "--disk", "-d", metavar="TARGET", help="Restore only this disk; repeatable."),
+    define: Optional[str] = typer.Option(None, "--define", metavar="NAME",
+                                         help="Define a new VM NAME on the restored images (needs --output)."),
+    start: bool = typer.Option(False, "--start", help="With --define: start the new VM."),
+    in_place: bool = typer.Option(False, "--in-place",
+                                  help="Write the point back into the disk files of the shut-off VM (needs --yes)."),
+    yes: bool = typer.Option(False, "--yes", help="Confirm --in-place: the VM's current disk contents are replaced."),
+    uri: Optional[str] = UriOpt,
     progress: str = ProgressOpt,
     json_out: bool = JsonOpt,
 ) -> None:
+    progress = progress_mode(progress, json_out)
+    if in_place:
+        if output or define or start or disk or fmt != "qcow2":
+            raise UsageError("--in-place takes none of --output, --define, --start, --disk, --format")
+        r = restore_in_place(vm, repo=repo_path(repo), checkpoint=checkpoint, confirm=yes, uri=uri, progress=progress)
+        if json_out:
+            emit_json(r.to_dict())
+            return
+        typer.echo(f"restored {vm} in place at {r.checkpoint}:")
+        for name, d in r.disks.items():
+            typer.echo(f"  {name}: {d.path}")
+        for name in r.left_alone:
+            typer.echo(f"  {name}: left as it was (not in the point)")
+        if r.checkpoints_dropped:
+            typer.echo(f"checkpoints dropped: {', '.join(r.checkpoints_dropped)} (the next backup is a full one)")
+        return
+    if output is None:
+        raise UsageError("--output DIR is required (or --in-place)")
+    if start and not define:
+        raise UsageError("--start needs --define NAME")
+    if define:
+        if disk:
+            raise UsageError("--define restores every disk of the point; leave out --disk")
+        r = restore_as_vm(vm, repo=repo_path(repo), output=output, name=define, checkpoint=checkpoint, fmt=fmt,
+                          start=start, uri=uri, progress=progress)
+        if json_out:
+            emit_json(r.to_dict())
+            return
+        typer.echo(f"restored {vm} at {r.checkpoint} as VM {r.name} ({'started' if r.started else 'defined'}):")
+        for name, d in r.disks.items():
+            typer.echo(f"  {name}: {d.path}")
+        for name in r.left_out:
+            typer.echo(f"  {name}: left out (not in the point)")
+        return
     result = restore_op(vm, repo=repo_path(repo), output=output, checkpoint=checkpoint, fmt=fmt, disks=as_list(disk),
-                        progress=progress_mode(progress, json_out))
+                        progress=progress)
     if json_out:
         emit_json(result.to_dict())
         return
