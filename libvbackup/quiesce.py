@@ -119,9 +119,9 @@ class Freezer:
             guard.done()
 
 
-def thaw(dom, deadline: float = THAW_DEADLINE) -> None:
+def thaw(dom, deadline: float | None = None) -> None:
     """Thaw the guest, retrying: an agent busy with a freeze that timed out answers later."""
-    end = time.monotonic() + deadline
+    end = time.monotonic() + (THAW_DEADLINE if deadline is None else deadline)
     while True:
         try:
             dom.fs_thaw()
