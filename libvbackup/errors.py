@@ -94,3 +94,22 @@ class Interrupted(Error):
         name = signal.Signals(signum).name
         super().__init__(f"interrupted by {name}; the backup job was aborted and cleaned up")
         self.exit_code = 128 + signum
+
+
+# The command line's exit codes, for --help and the README.
+EXIT_CODES = (
+    (0, "success"),
+    (1, "error (any other failure libvbackup explained)"),
+    (UsageError.exit_code, "usage: options that contradict each other or are malformed"),
+    (NotFound.exit_code, "not found: an unknown VM, checkpoint, disk or point"),
+    (StateError.exit_code, "state: the VM, libvirt or the repository does not allow it now"),
+    (RepositoryError.exit_code, "repository: missing, unwritable, corrupt or of a newer format"),
+    (LibvirtError.exit_code, "libvirt refused or failed"),
+    (CopyError.exit_code, "copy: reading the export or writing an image failed"),
+    (ToolError.exit_code, "qemu-img / qemu-nbd failed"),
+    (VerifyError.exit_code, "verify: stored backups are missing or damaged"),
+    (10, "run: some of the VMs failed (the report names them)"),
+    (70, "internal error: a bug (--debug shows where)"),
+    (130, "interrupted by SIGINT (cleaned up)"),
+    (143, "interrupted by SIGTERM (cleaned up)"),
+)

@@ -24,14 +24,14 @@ class Job:
 
 
 def copy_all(jobs: list[Job], progress_mode: str = "none", watch: Callable[[], None] = lambda: None,
-             sink: Callable[[dict], None] | None = None) -> dict[str, engine.CopyStats]:
+             sink: Callable[[dict], None] | None = None, vm: str = "") -> dict[str, engine.CopyStats]:
     """Copy every job at once; ``watch`` is called every WATCH_INTERVAL and may raise to stop.
 
     Daemon threads with a bounded join: an interrupted run must clean up and exit even when
     a copy thread is stuck (a hung NBD server), instead of waiting for it forever.
     """
     stop = threading.Event()
-    prog = Progress(progress_mode, sink=sink)
+    prog = Progress(progress_mode, sink=sink, vm=vm)
     results: dict[str, engine.CopyStats] = {}
     errors: list[BaseException] = []
 

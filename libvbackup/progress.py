@@ -1,11 +1,22 @@
-"""Progress of long copies: a live line on a terminal, periodic lines for logs, or nothing."""
+"""Progress of long copies: a live line on a terminal, periodic lines for logs, one JSON object
+per line for a program, typed events for a caller of the API, or nothing.
+
+``mode``: ``bar``, ``plain``, ``none``, ``json`` (lines on the stream, see
+``libvbackup/schemas/progress.json``) or a callable that receives ``results.ProgressEvent``
+about every second per disk, and once more per disk at the end (phase ``done`` or ``failed``).
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
 from typing import Callable, TextIO
+
+from .results import FORMAT_VERSION, ProgressEvent
+
+MODES = ("bar", "plain", "none", "json")
 
 
 def _human(n: float) -> str:
@@ -19,11 +30,18 @@ def _human(n: float) -> str:
 class Progress:
     """Thread-safe byte counters per disk; ``mode`` is ``bar``, ``plain`` or ``none``."""
 
-    def __init__(self, mode: str = "none", stream: TextIO = sys.stderr, interval: float | None = None,
-                 sink: Callable[[dict], None] | None = None):
+    def __init__(self, mode="none", stream: TextIO = sys.stderr, interval: float | None = None,
+                 sink: Callable[[dict], None] | None = None, vm: str = "", phase: str = "copy"):
+        self.on_event: Callable[[ProgressEvent], None] | None = None
+        if callable(mode):
+            self.on_event, mode = mode, "events"
+        elif mode == "json":
+            self.on_event = self._write_json
         self.mode = mode
         self.stream = stream
-        self.interval = interval if interval is not None else (0.5 if mode == "bar" else 10.0)
+        self.vm, self.phase = vm, phase
+        default = 0.5 if mode == "bar" else 1.0 if self.on_event else 10.0
+        self.interval = interval if interval is not None else default
         self.sink = sink  # called about every second with the counters (for `libvbackup status`)
         self.totals: dict[str, int] = {}
         self.done: dict[str, int] = {}
@@ -65,13 +83,29 @@ class Progress:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join()
             if self.mode == "bar":
                 self.stream.write("\r\x1b[K")
             self.stream.flush()
+        if self.on_event:
+            self._emit("done" if exc_type is None else "failed")
+
+    def events(self, phase: str) -> list[ProgressEvent]:
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        with self._lock:
+            return [ProgressEvent(self.vm, d, phase, self.done.get(d, 0), t, round(self.done.get(d, 0) / elapsed),
+                                  round(elapsed, 3)) for d, t in self.totals.items()]
+
+    def _emit(self, phase: str) -> None:
+        for ev in self.events(phase):
+            self.on_event(ev)
+
+    def _write_json(self, ev: ProgressEvent) -> None:
+        self.stream.write(json.dumps({"format_version": FORMAT_VERSION, **ev.to_dict()}) + "\n")
+        self.stream.flush()
 
     def _run(self) -> None:
         tick = min(self.interval, 1.0) if self.sink else self.interval
@@ -82,6 +116,9 @@ class Progress:
             if self.mode == "none" or time.monotonic() - last_shown < self.interval - 1e-3:
                 continue
             last_shown = time.monotonic()
+            if self.on_event:
+                self._emit(self.phase)
+                continue
             if self.mode == "bar":
                 self.stream.write("\r\x1b[K" + self.line())
             else:

@@ -33,7 +33,7 @@ def run(ctx: RunContext) -> list[DiskResult]:
             jobs.append(parallel.Job(d.name, src, dst, sums[d.name].hasher))
         watch = scratch.watch(dom, docs.run_dir, ctx.scratch_limit)
         watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
-        stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink)
+        stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink, vm=plan.vm)
         results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
                               sums[j.name].complete(), sums[j.name].layout.block,
                               sums[j.name].layout.algorithm_name) for j in jobs]

@@ -60,7 +60,7 @@ def run(ctx: RunContext) -> list[DiskResult]:
 
 def _wait(ctx: RunContext) -> None:
     """Until the job is gone, with progress from libvirt's statistics and the scratch guard."""
-    prog = Progress(ctx.progress, sink=ctx.sink)
+    prog = Progress(ctx.progress, sink=ctx.sink, vm=ctx.plan.vm, phase="wait")
     prog.add("all disks", 0)
     watch = scratch.watch(ctx.dom, ctx.docs.run_dir, ctx.scratch_limit)
     last = 0.0

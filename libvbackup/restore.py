@@ -16,6 +16,7 @@ from . import engine, imagefile, nbdio, qcow2, qcow2map, target
 from .errors import NotFound, RepositoryError, UsageError
 from .progress import Progress
 from .repo import Repository, fsync_dir as repo_fsync_dir
+from .signals import umask
 from .results import ListResult, PointDiskInfo, PointInfo, RestoredDisk, RestoreResult
 
 FORMATS = ("qcow2", "raw")
@@ -103,7 +104,11 @@ def write_images(repository: Repository, m, point, names, output: str, fmt: str,
             raise UsageError(f"cannot create output directory {out}: {e.strerror}") from e
         created_dir = True
     written = []
-    old_umask = os.umask(0o077)
+    with umask(0o077):
+        return _write_images(repository, m, point, names, out, fmt, progress, created_dir, written)
+
+
+def _write_images(repository, m, point, names, out, fmt, progress, created_dir, written):
     try:
         result = {}
         for n in names:
@@ -124,8 +129,6 @@ def write_images(repository: Repository, m, point, names, output: str, fmt: str,
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
-    finally:
-        os.umask(old_umask)
 
 
 def _chain_files(repository: Repository, m, pd) -> list[str] | None:
@@ -161,7 +164,7 @@ def _source(repository: Repository, m, pd):
 def write_disk(repository: Repository, m, pd, output: str, fmt: str, progress: str) -> None:
     """One disk of a point, as it was, into a new image file ``output`` (flushed)."""
     with _source(repository, m, pd) as src, contextlib.closing(target.open_target(output, src.size, fmt)) as dst:
-        prog = Progress(progress)
+        prog = Progress(progress, vm=m.vm)
         prog.add(pd.name, engine.planned_bytes(src, dst))
         with prog:
             engine.copy(src, dst, progress=prog.callback(pd.name))

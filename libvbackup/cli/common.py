@@ -10,6 +10,7 @@ import typer
 
 from ..errors import UsageError
 from ..repo import default_repo
+from ..results import FORMAT_VERSION
 
 RepoOpt = typer.Option(
     None, "--repo", "-r", metavar="DIR",
@@ -21,15 +22,16 @@ UriOpt = typer.Option(
 )
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
 ProgressOpt = typer.Option(
-    "auto", "--progress", metavar="auto|bar|plain|none",
-    help="Progress on stderr: a bar on a terminal (auto), periodic lines (plain), or none.",
+    "auto", "--progress", metavar="auto|bar|plain|json|none",
+    help="Progress on stderr: a bar on a terminal (auto), periodic lines (plain), one JSON object "
+         "per disk and second (json: disk, done, total, rate, phase), or none.",
 )
 
 
 def progress_mode(progress: str, json_out: bool) -> str:
     """--progress auto: a bar when stderr is a terminal and the output is not JSON."""
-    if progress not in ("auto", "bar", "plain", "none"):
-        raise UsageError(f"--progress {progress!r}: use auto, bar, plain or none")
+    if progress not in ("auto", "bar", "plain", "json", "none"):
+        raise UsageError(f"--progress {progress!r}: use auto, bar, plain, json or none")
     if progress == "auto":
         return "bar" if sys.stderr.isatty() and not json_out else "none"
     return progress
@@ -40,7 +42,8 @@ def repo_path(repo: Optional[str]) -> str:
 
 
 def emit_json(obj: dict) -> None:
-    json.dump(obj, sys.stdout, indent=2)
+    """One JSON document on stdout: ``format_version`` first (libvbackup/schemas/)."""
+    json.dump({"format_version": FORMAT_VERSION, **obj}, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 

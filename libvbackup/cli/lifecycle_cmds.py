@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .. import lifecycle
+from .. import api
 from .common import JsonOpt, RepoOpt, UriOpt, emit_json, human, repo_path
 
 VmArg = typer.Argument(..., metavar="VM", help="Name of the VM.")
@@ -21,7 +21,7 @@ def checkpoints(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[st
     Points whose checkpoint libvirt lost are listed at the end; the next incremental that needs
     them redefines them from the repository.
     """
-    r = lifecycle.checkpoints(vm, repo=repo_path(repo), uri=uri)
+    r = api.checkpoints(vm, repo=repo_path(repo), uri=uri)
     if json_out:
         emit_json(r.to_dict())
         return
@@ -35,7 +35,7 @@ def checkpoints(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[st
 def status(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = UriOpt,
            json_out: bool = JsonOpt) -> None:
     """Show the backup running for a VM in this repository: process, bytes done, scratch in use."""
-    r = lifecycle.status(vm, repo=repo_path(repo), uri=uri)
+    r = api.status(vm, repo=repo_path(repo), uri=uri)
     if json_out:
         emit_json(r.to_dict())
         return
@@ -59,7 +59,7 @@ def abort(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = U
 
     If the process that ran it is dead, finishes its clean-up instead.
     """
-    r = lifecycle.abort(vm, repo=repo_path(repo), uri=uri)
+    r = api.abort(vm, repo=repo_path(repo), uri=uri)
     if json_out:
         emit_json(r.to_dict())
     elif r.cleaned_up:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from ..restore import list_points
+from .. import api
 from .common import JsonOpt, RepoOpt, emit_json, human, repo_path
 
 
@@ -17,7 +17,7 @@ def list_(
     repo: str = RepoOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    result = list_points(vm, repo=repo_path(repo))
+    result = api.list_points(vm, repo=repo_path(repo))
     if json_out:
         emit_json(result.to_dict())
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 import traceback
@@ -11,10 +12,16 @@ from typing import Callable
 import typer
 
 from .. import __version__
-from ..errors import Error
+from ..errors import EXIT_CODES, Error
+from ..results import FORMAT_VERSION
 from . import lifecycle_cmds, list_cmd, prune, pull, push, restore, verify
 
+EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES) + (
+    "\n\nWith --json, an error is also one JSON object on stdout: "
+    '{"format_version": 1, "error": MESSAGE, "code": EXIT_CODE, "hint": HINT or null, "type": CLASS}.')
+
 app = typer.Typer(
+    epilog=EPILOG,
     name="libvbackup",
     help=(
         "Back up running libvirt/QEMU VMs into a repository of ordinary qcow2 chains.\n\n"
@@ -55,30 +62,38 @@ def _global(
     logging.basicConfig(level=level, stream=sys.stderr, format="libvbackup: %(levelname)s: %(message)s")
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, json_out: bool, hint: str | None = None, kind: str = "Error") -> None:
     if _debug:
         traceback.print_exc()
-    sys.stderr.write(f"libvbackup: error: {message}\n")
+    if json_out:  # the caller parses stdout: the error is a document there too
+        json.dump({"format_version": FORMAT_VERSION, "error": message, "code": code, "hint": hint, "type": kind},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    text = f"{message} ({hint})" if hint else message
+    sys.stderr.write(f"libvbackup: error: {text}\n")
     sys.stdout.flush()
     sys.exit(code)
 
 
 def errors_to_exit_codes(fn: Callable) -> Callable:
-    """The one place where exceptions become a one-line message and an exit code."""
+    """The one place where exceptions become a one-line message (a JSON document too, under
+    --json) and an exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        json_out = bool(kwargs.get("json_out"))
         try:
             return fn(*args, **kwargs)
         except Error as e:
-            _fail(str(e), e.exit_code)
+            _fail(e.message, e.exit_code, json_out, e.hint, type(e).__name__)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted", 130, json_out, kind="Interrupted")
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
-            _fail(f"{e.strerror or e}{where}", 1)
+            _fail(f"{e.strerror or e}{where}", 1, json_out, kind="OSError")
         except Exception as e:  # a bug: one line; --debug shows where
-            _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for details)", 70)
+            _fail(f"internal error: {type(e).__name__}: {e}", 70, json_out, "run with --debug for details",
+                  "InternalError")
 
     return wrapper
 
@@ -86,9 +101,9 @@ def errors_to_exit_codes(fn: Callable) -> Callable:
 for _name, _mod, _fn in (("pull", pull, pull.pull), ("push", push, push.push), ("list", list_cmd, list_cmd.list_),
                          ("restore", restore, restore.restore), ("verify", verify, verify.verify),
                          ("prune", prune, prune.prune)):
-    app.command(_name, help=_mod.__doc__)(errors_to_exit_codes(_fn))
+    app.command(_name, help=_mod.__doc__, epilog=EPILOG)(errors_to_exit_codes(_fn))
 for _fn in (lifecycle_cmds.checkpoints, lifecycle_cmds.status, lifecycle_cmds.abort):
-    app.command(_fn.__name__, help=_fn.__doc__)(errors_to_exit_codes(_fn))
+    app.command(_fn.__name__, help=_fn.__doc__, epilog=EPILOG)(errors_to_exit_codes(_fn))
 
 
 def main() -> None:

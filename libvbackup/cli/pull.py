@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from ..backup import backup as backup_op
+from .. import api
 from ..plan import parse_size
 from .common import JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, emit_json, human, progress_mode, repo_path
 
@@ -87,12 +87,11 @@ pull = backup_command("pull", __doc__)
 def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclude, scratch_dir,
         scratch_limit, uri, dry_run, progress, json_out, quiesce="auto") -> None:
     """Shared by pull and push: options to keyword arguments, the result to text or JSON."""
-    progress = progress_mode(progress, json_out)
-    result = backup_op(
-        vm, mode=mode, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
-        disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
-        progress=progress, scratch_limit=parse_size(scratch_limit) if scratch_limit else None, quiesce=quiesce,
-    )
+    op = api.pull if mode == "pull" else api.push
+    result = op(vm, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
+                disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
+                progress=progress_mode(progress, json_out),
+                scratch_limit=parse_size(scratch_limit) if scratch_limit else None, quiesce=quiesce)
     if json_out:
         emit_json(result.to_dict())
         return

@@ -26,9 +26,8 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import UsageError
-from ..restore import restore as restore_op
-from ..vmrestore import restore_as_vm, restore_in_place
+from .. import api
+from ..results import DefinedResult, InPlaceResult
 from .common import JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, emit_json, progress_mode, repo_path
 
 
@@ -52,14 +51,12 @@ def restore(
     progress: str = ProgressOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    progress = progress_mode(progress, json_out)
-    if in_place:
-        if output or define or start or disk or fmt != "qcow2":
-            raise UsageError("--in-place takes none of --output, --define, --start, --disk, --format")
-        r = restore_in_place(vm, repo=repo_path(repo), checkpoint=checkpoint, confirm=yes, uri=uri, progress=progress)
-        if json_out:
-            emit_json(r.to_dict())
-            return
+    r = api.restore(vm, repo=repo_path(repo), output=output, checkpoint=checkpoint, format=fmt, disks=as_list(disk),
+                    define=define, start=start, in_place=in_place, confirm=yes, uri=uri,
+                    progress=progress_mode(progress, json_out))
+    if json_out:
+        emit_json(r.to_dict())
+    elif isinstance(r, InPlaceResult):
         typer.echo(f"restored {vm} in place at {r.checkpoint}:")
         for name, d in r.disks.items():
             typer.echo(f"  {name}: {d.path}")
@@ -67,30 +64,13 @@ def restore(
             typer.echo(f"  {name}: left as it was (not in the point)")
         if r.checkpoints_dropped:
             typer.echo(f"checkpoints dropped: {', '.join(r.checkpoints_dropped)} (the next backup is a full one)")
-        return
-    if output is None:
-        raise UsageError("--output DIR is required (or --in-place)")
-    if start and not define:
-        raise UsageError("--start needs --define NAME")
-    if define:
-        if disk:
-            raise UsageError("--define restores every disk of the point; leave out --disk")
-        r = restore_as_vm(vm, repo=repo_path(repo), output=output, name=define, checkpoint=checkpoint, fmt=fmt,
-                          start=start, uri=uri, progress=progress)
-        if json_out:
-            emit_json(r.to_dict())
-            return
+    elif isinstance(r, DefinedResult):
         typer.echo(f"restored {vm} at {r.checkpoint} as VM {r.name} ({'started' if r.started else 'defined'}):")
         for name, d in r.disks.items():
             typer.echo(f"  {name}: {d.path}")
         for name in r.left_out:
             typer.echo(f"  {name}: left out (not in the point)")
-        return
-    result = restore_op(vm, repo=repo_path(repo), output=output, checkpoint=checkpoint, fmt=fmt, disks=as_list(disk),
-                        progress=progress)
-    if json_out:
-        emit_json(result.to_dict())
-        return
-    typer.echo(f"restored {vm} at {result.checkpoint}:")
-    for name, d in result.disks.items():
-        typer.echo(f"  {name}: {d.path}")
+    else:
+        typer.echo(f"restored {vm} at {r.checkpoint}:")
+        for name, d in r.disks.items():
+            typer.echo(f"  {name}: {d.path}")

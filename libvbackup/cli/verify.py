@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..errors import VerifyError
-from ..verify import verify as verify_op
+from .. import api
 from .common import JsonOpt, RepoOpt, emit_json, repo_path
 
 
@@ -24,7 +24,7 @@ def verify(
     ),
     json_out: bool = JsonOpt,
 ) -> None:
-    result = verify_op(vm, repo=repo_path(repo), checkpoint=checkpoint)
+    result = api.verify(vm, repo=repo_path(repo), checkpoint=checkpoint)
     if json_out:
         emit_json(result.to_dict())
     else:
