@@ -17,9 +17,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+FORMAT_VERSION = 1  # of every --json document (libvbackup/schemas/); additions only within a version
+
+
 class Result:
     def to_dict(self) -> dict:
         return _plain(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressEvent(Result):
+    """How far one disk of a long job is: sent about every second, and once at the end."""
+
+    vm: str
+    disk: str
+    phase: str  # copy | wait (push: QEMU writes) | done | failed
+    done: int  # bytes
+    total: int  # bytes planned
+    rate: int  # bytes per second since the start
+    elapsed: float  # seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,3 +214,45 @@ class PruneResult(Result):
     rebase: dict[str, str | None] = dataclasses.field(default_factory=dict)
     completed: dict[str, str] = dataclasses.field(default_factory=dict)  # every point, oldest first
     policy: str = ""  # the rules applied, e.g. "last 1, daily 7"
+
+
+@dataclasses.dataclass(frozen=True)
+class VmRun(Result):
+    """One VM of ``libvbackup run``: its backup, then its policy's retention."""
+
+    vm: str
+    policy: str  # which [[policy]] covers it: "[[policy]] 2 (web-*)"
+    schedule: str | None  # the policy's hint
+    uri: str
+    repo: str
+    mode: str  # pull | push
+    requested_level: str  # full | inc | diff | auto, as the policy says
+    retention: str | None  # the policy's rules, "last 2, daily 7"; None: it never prunes
+    ok: bool  # backed up, and pruned if the policy prunes
+    exit_code: int  # 0 when ok; else the error's, as `libvbackup pull` of this VM would exit
+    error: str | None  # the one-line message, with its hint
+    seconds: float  # backup and prune
+    checkpoint: str | None = None  # the new point (dry run: the one planned)
+    parent: str | None = None
+    level: str | None = None  # full | incremental | differential (dry run: planned)
+    fallback_reason: str | None = None  # why --level auto takes a full backup
+    bytes_copied: int = 0
+    kept: tuple[str, ...] = ()  # after the prune, oldest first
+    pruned: tuple[str, ...] = ()  # points the retention removed, oldest first
+    warnings: tuple[str, ...] = ()
+    dry_run: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport(Result):
+    """``libvbackup run``: every VM its policies named, each backed up (or planned) once."""
+
+    config: str | None  # the file read; None: there was none
+    started: str  # ISO 8601, UTC
+    seconds: float
+    jobs: int  # VMs backed up at once
+    dry_run: bool
+    ok: bool
+    exit_code: int  # 0; the one VM's code; 10: some of several VMs failed; 128+N: signal N
+    vms: tuple[VmRun, ...]  # in the order they were chosen
+    warnings: tuple[str, ...] = ()  # e.g. a policy that names no VM
