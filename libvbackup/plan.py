@@ -9,13 +9,15 @@ before any job, checkpoint or file exists.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import time
 from typing import Callable, Collection, Mapping, Sequence
 
 from .domxml import Disk, parse_disks
-from .errors import NotFound, StateError, UsageError
+from .errors import NotFound, RepositoryError, StateError, UsageError
 from .manifest import Manifest, Point
+from .retention import Policy, select
 
 # A subset of libvirt's checkpointName ([a-zA-Z0-9_-][a-zA-Z0-9_.-]*): no leading '-' either,
 # so that a name is never taken for an option. Used with fullmatch: '$' would accept a "\n".
@@ -272,30 +274,94 @@ def choose_parent(
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneRebase:
+    """A kept point's image whose backing image goes: rebased onto ``backing`` first."""
+
+    point: str
+    disk: str
+    backing: str | None  # the nearest kept image of its chain (as the manifest names images); None: flattened
+    old: str  # the backing image it has now
+
+
+@dataclasses.dataclass(frozen=True)
 class PrunePlan:
     vm: str
     keep: tuple[str, ...]  # points that stay, oldest first
-    remove: tuple[str, ...]  # points whose images and checkpoints go
-    flatten: tuple[tuple[str, str], ...]  # (point, disk): image rebased onto nothing first
+    remove: tuple[str, ...]  # points whose images and checkpoints go, oldest first
+    rebase: tuple[PruneRebase, ...] = ()  # images of kept points to rebase first, oldest point first
+    reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)  # kept point -> "daily #2"
+    parents: Mapping[str, str | None] = dataclasses.field(default_factory=dict)  # kept point -> new parent
+    policy: Policy | None = None  # the rules that chose ``keep``
+
+    @property
+    def flatten(self) -> tuple[tuple[str, str], ...]:
+        """(point, disk) of the images rebased onto nothing."""
+        return tuple((r.point, r.disk) for r in self.rebase if r.backing is None)
+
+    def pruned(self, manifest: Manifest) -> Manifest:
+        """The manifest once the plan is carried out: the kept points, their new parents and
+        backing images."""
+        kept = set(self.keep)
+        backing = {(r.point, r.disk): r.backing for r in self.rebase}
+        points = []
+        for p in manifest.points:
+            if p.checkpoint not in kept:
+                continue
+            if p.checkpoint in self.parents or any((p.checkpoint, n) in backing for n in p.disks):
+                p = dataclasses.replace(
+                    p, parent=self.parents.get(p.checkpoint, p.parent),
+                    disks={n: dataclasses.replace(d, backing=backing.get((p.checkpoint, n), d.backing))
+                           for n, d in p.disks.items()})
+            points.append(p)
+        return dataclasses.replace(manifest, points=points)
 
 
-def plan_prune(manifest: Manifest, keep: int) -> PrunePlan:
-    """Keep the newest ``keep`` points restorable; everything older goes.
+def plan_prune(manifest: Manifest, keep: int | Policy, tz: datetime.tzinfo | None = None) -> PrunePlan:
+    """Which points ``keep`` keeps (``retention.select``; an int N is ``Policy(last=N)``), and
+    how the kept ones stay restorable byte for byte.
 
-    A kept point's ancestors are all older than it, so they are either kept too or all go:
-    a kept point whose parent goes becomes the start of its chain, each of its incremental
-    images rebased onto nothing (it then holds everything it needs).
+    A kept point whose parent goes gets the nearest kept ancestor as its parent (None if it
+    has none). Each of its images is followed down its own chain (a disk added or replaced
+    later is full in a later point than its siblings): an image whose backing image goes is
+    rebased onto the nearest image of that chain a kept point holds, or onto nothing when no
+    kept point holds one. A safe rebase keeps the image's content, so it reads the same before,
+    during and after.
     """
-    if keep < 1:
-        raise UsageError("--keep must be at least 1")
-    kept = manifest.points[-keep:]
-    kept_names = {p.checkpoint for p in kept}
-    remove = tuple(p.checkpoint for p in manifest.points if p.checkpoint not in kept_names)
-    flatten = tuple(
-        (p.checkpoint, name)
-        for p in kept
-        if p.parent is not None and p.parent not in kept_names
-        for name, d in p.disks.items()
-        if d.backing is not None
+    policy = Policy(last=keep) if isinstance(keep, int) else keep
+    selection = select(manifest.points, policy, tz)
+    kept = set(selection.kept)
+    owner = {d.image: (p, d) for p in manifest.points for d in p.disks.values()}
+    rebase = []
+    parents: dict[str, str | None] = {}
+    for p in manifest.points:
+        if p.checkpoint not in kept:
+            continue
+        parent = p.parent
+        while parent is not None and parent not in kept:
+            parent = manifest.get(parent).parent
+        if parent != p.parent:
+            parents[p.checkpoint] = parent
+        for name, d in p.disks.items():
+            base, seen = d.backing, {d.image}
+            while base is not None:  # down this disk's own chain to the first kept image
+                if base not in owner:
+                    raise RepositoryError(f"image {d.image!r} of point {p.checkpoint!r} is based on "
+                                          f"{base!r}, which belongs to no point of the manifest")
+                below, below_disk = owner[base]
+                if below.checkpoint in kept:
+                    break
+                if base in seen:
+                    raise RepositoryError(f"the manifest has a cycle of images through {base!r}")
+                seen.add(base)
+                base = below_disk.backing
+            if base != d.backing:
+                rebase.append(PruneRebase(p.checkpoint, name, base, d.backing))
+    return PrunePlan(
+        manifest.vm,
+        tuple(p.checkpoint for p in manifest.points if p.checkpoint in kept),
+        selection.removed,
+        tuple(rebase),
+        dict(selection.kept),
+        parents,
+        policy,
     )
-    return PrunePlan(manifest.vm, tuple(p.checkpoint for p in kept), remove, flatten)
