@@ -28,6 +28,40 @@ ProgressOpt = typer.Option(
 )
 
 
+def complete_vm(incomplete: str) -> list[str]:
+    """VM names from libvirt for shell completion (nothing when libvirt does not answer)."""
+    try:
+        from ..virt import Connection
+
+        with Connection(None) as conn:
+            return [n for n in conn.domain_names() if n.startswith(incomplete)]
+    except Exception:  # noqa: BLE001 - completion must never print an error
+        return []
+
+
+def complete_checkpoint(ctx: typer.Context, incomplete: str) -> list[str]:
+    """The VM's points in the repository (--repo, else the default), then libvirt's checkpoints."""
+    # (while an option's value is completed, click leaves the VM argument unparsed in ctx.args)
+    vm = ctx.params.get("vm") or next(iter(ctx.args), None)
+    if not vm:
+        return []
+    names: list[str] = []
+    try:
+        from ..repo import Repository
+
+        names = [p.checkpoint for p in Repository(ctx.params.get("repo") or default_repo()).load(vm).points]
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from ..virt import Connection
+
+        with Connection(ctx.params.get("uri")) as conn:
+            names += [n for n in conn.domain(vm).checkpoint_names() if n not in names]
+    except Exception:  # noqa: BLE001
+        pass
+    return [n for n in names if n.startswith(incomplete)]
+
+
 def progress_mode(progress: str, json_out: bool) -> str:
     """--progress auto: a bar when stderr is a terminal and the output is not JSON."""
     if progress not in ("auto", "bar", "plain", "json", "none"):

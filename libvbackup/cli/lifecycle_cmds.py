@@ -1,4 +1,4 @@
-"""checkpoints, status and abort: thin commands over libvbackup.lifecycle."""
+"""checkpoints, status and abort: thin commands over libvbackup.api."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 
 from .. import api
-from .common import JsonOpt, RepoOpt, UriOpt, emit_json, human, repo_path
+from .common import JsonOpt, RepoOpt, UriOpt, complete_vm, emit_json, human, repo_path
 
-VmArg = typer.Argument(..., metavar="VM", help="Name of the VM.")
+VmArg = typer.Argument(..., metavar="VM", help="Name of the VM.", autocompletion=complete_vm)
 
 
 def checkpoints(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = UriOpt,
@@ -20,6 +20,12 @@ def checkpoints(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[st
     but belonging to no point), 'other-repository' or 'foreign' (another tool's: never touched).
     Points whose checkpoint libvirt lost are listed at the end; the next incremental that needs
     them redefines them from the repository.
+
+    Examples:
+
+    \b
+      libvbackup checkpoints vm1 --repo /backups
+      libvbackup checkpoints vm1 --repo /backups --json
     """
     r = api.checkpoints(vm, repo=repo_path(repo), uri=uri)
     if json_out:
@@ -34,7 +40,17 @@ def checkpoints(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[st
 
 def status(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = UriOpt,
            json_out: bool = JsonOpt) -> None:
-    """Show the backup running for a VM in this repository: process, bytes done, scratch in use."""
+    """Show the backup running for a VM in this repository: process, bytes done, scratch in use.
+
+    A run that died is shown as such; the next backup of the VM, or abort, cleans up after it.
+
+    Examples:
+
+    \b
+      libvbackup status vm1 --repo /backups
+      watch -n 5 libvbackup status vm1 --repo /backups
+      libvbackup status vm1 --repo /backups --json
+    """
     r = api.status(vm, repo=repo_path(repo), uri=uri)
     if json_out:
         emit_json(r.to_dict())
@@ -57,7 +73,14 @@ def abort(vm: str = VmArg, repo: Optional[str] = RepoOpt, uri: Optional[str] = U
           json_out: bool = JsonOpt) -> None:
     """Stop the running backup of a VM: its job is aborted and everything it made is removed.
 
-    If the process that ran it is dead, finishes its clean-up instead.
+    If the process that ran it is dead, finishes its clean-up instead (a guest it left frozen
+    is thawed first). Only the process proven to hold the VM's lock is signalled.
+
+    Examples:
+
+    \b
+      libvbackup abort vm1 --repo /backups
+      libvbackup abort vm1 --repo /backups --json
     """
     r = api.abort(vm, repo=repo_path(repo), uri=uri)
     if json_out:

@@ -2,6 +2,13 @@
 
 Each point is named by the checkpoint it created; PARENT is the point it was taken from
 (empty for a full backup).
+CONSISTENCY is 'quiesced' when the guest's file systems were frozen at that point.
+
+Examples:
+
+\b
+  libvbackup list vm1 --repo /backups
+  libvbackup list vm1 --repo /backups --json
 """
 
 from __future__ import annotations
@@ -9,11 +16,11 @@ from __future__ import annotations
 import typer
 
 from .. import api
-from .common import JsonOpt, RepoOpt, emit_json, human, repo_path
+from .common import JsonOpt, RepoOpt, complete_vm, emit_json, human, repo_path
 
 
 def list_(
-    vm: str = typer.Argument(..., metavar="VM", help="Name of the VM."),
+    vm: str = typer.Argument(..., metavar="VM", help="Name of the VM.", autocompletion=complete_vm),
     repo: str = RepoOpt,
     json_out: bool = JsonOpt,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import traceback
 from typing import Callable
@@ -14,7 +15,7 @@ import typer
 from .. import __version__
 from ..errors import EXIT_CODES, Error
 from ..results import FORMAT_VERSION
-from . import lifecycle_cmds, list_cmd, prune, pull, push, restore, verify
+from . import completion_cmd, lifecycle_cmds, list_cmd, prune, pull, push, restore, run_cmd, verify
 
 EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES) + (
     "\n\nWith --json, an error is also one JSON object on stdout: "
@@ -100,13 +101,18 @@ def errors_to_exit_codes(fn: Callable) -> Callable:
 
 for _name, _mod, _fn in (("pull", pull, pull.pull), ("push", push, push.push), ("list", list_cmd, list_cmd.list_),
                          ("restore", restore, restore.restore), ("verify", verify, verify.verify),
-                         ("prune", prune, prune.prune)):
+                         ("prune", prune, prune.prune), ("run", run_cmd, run_cmd.run)):
     app.command(_name, help=_mod.__doc__, epilog=EPILOG)(errors_to_exit_codes(_fn))
 for _fn in (lifecycle_cmds.checkpoints, lifecycle_cmds.status, lifecycle_cmds.abort):
     app.command(_fn.__name__, help=_fn.__doc__, epilog=EPILOG)(errors_to_exit_codes(_fn))
 
 
+app.command("completion", help=completion_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(completion_cmd.completion))
+
+
 def main() -> None:
+    if os.environ.get(completion_cmd.COMPLETE_VAR):  # the shell asks for completions
+        completion_cmd.enable()
     app(prog_name="libvbackup")
 
 

@@ -6,6 +6,13 @@ incremental, an older one a differential. Either way a new libvirt checkpoint is
 (named by --checkpoint, or lvb-<repository tag>-<UTC time>); it names the new backup point.
 
 Raw-format disks cannot hold dirty bitmaps: they are copied in full every time.
+
+Examples:
+
+\b
+  libvbackup pull vm1 --repo /backups                     # a full backup
+  libvbackup pull vm1 --repo /backups --level auto        # incremental when it can be
+  libvbackup pull vm1 --repo /backups --incremental CHK --quiesce yes --json
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import typer
 
 from .. import api
 from ..plan import parse_size
-from .common import JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, emit_json, human, progress_mode, repo_path
+from .common import (JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, complete_checkpoint, complete_vm, emit_json, human,
+                     progress_mode, repo_path)
 
 
 SCRATCH_HELP = {
@@ -30,10 +38,11 @@ def backup_command(mode: str, doc: str):
     """The pull and push commands: one signature, the mode bound here."""
 
     def command(
-        vm: str = typer.Argument(..., metavar="VM", help="Name of the libvirt domain (must be running)."),
+        vm: str = typer.Argument(..., metavar="VM", help="Name of the libvirt domain (must be running).",
+                                autocompletion=complete_vm),
         repo: Optional[str] = RepoOpt,
         incremental: Optional[str] = typer.Option(
-            None, "--incremental", "-i", metavar="CHECKPOINT",
+            None, "--incremental", "-i", metavar="CHECKPOINT", autocompletion=complete_checkpoint,
             help="Copy only what changed since this earlier checkpoint of the VM.",
         ),
         level: Optional[str] = typer.Option(

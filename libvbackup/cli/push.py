@@ -5,6 +5,12 @@ incremental image's backing file is its parent's image, pull or push alike). lib
 creates each target image beforehand so that it keeps that backing file, waits for the job
 with progress, then moves the images into the repository. A failed or cancelled push leaves
 no point and no partial image.
+
+Examples:
+
+\b
+  libvbackup push vm1 --repo /backups --scratch-dir /backups/.staging
+  libvbackup push vm1 --repo /backups --level inc --progress plain
 """
 
 from .pull import backup_command

@@ -28,16 +28,19 @@ import typer
 
 from .. import api
 from ..results import DefinedResult, InPlaceResult
-from .common import JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, emit_json, progress_mode, repo_path
+from .common import (JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, complete_checkpoint, complete_vm, emit_json,
+                     progress_mode, repo_path)
 
 
 def restore(
-    vm: str = typer.Argument(..., metavar="VM", help="Name of the VM the backups belong to."),
+    vm: str = typer.Argument(..., metavar="VM", help="Name of the VM the backups belong to.",
+                             autocompletion=complete_vm),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="DIR",
                                          help="Directory for the images (new or empty)."),
     repo: Optional[str] = RepoOpt,
     checkpoint: Optional[str] = typer.Option(
-        None, "--checkpoint", metavar="NAME", help="Backup point to restore [default: the newest]."
+        None, "--checkpoint", metavar="NAME", autocompletion=complete_checkpoint,
+        help="Backup point to restore [default: the newest].",
     ),
     fmt: str = typer.Option("qcow2", "--format", "-f", metavar="qcow2|raw", help="Image format of the output."),
     disk: Optional[List[str]] = typer.Option(None, "--disk", "-d", metavar="TARGET", help="Restore only this disk; repeatable."),

@@ -3,6 +3,12 @@
 Re-reads every image of each point's chain and compares it, block by block, with the
 checksums recorded at backup time; checks that every image exists and points at the right
 backing file. Exits 9 when anything is missing or damaged, naming the points affected.
+
+Examples:
+
+\b
+  libvbackup verify vm1 --repo /backups
+  libvbackup verify vm1 --repo /backups --checkpoint CHK --json
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ import typer
 
 from ..errors import VerifyError
 from .. import api
-from .common import JsonOpt, RepoOpt, emit_json, repo_path
+from .common import JsonOpt, RepoOpt, complete_checkpoint, complete_vm, emit_json, repo_path
 
 
 def verify(
-    vm: str = typer.Argument(..., metavar="VM", help="Name of the VM the backups belong to."),
+    vm: str = typer.Argument(..., metavar="VM", help="Name of the VM the backups belong to.",
+                             autocompletion=complete_vm),
     repo: Optional[str] = RepoOpt,
     checkpoint: Optional[str] = typer.Option(
-        None, "--checkpoint", metavar="NAME", help="Verify only this point [default: every point]."
+        None, "--checkpoint", metavar="NAME", autocompletion=complete_checkpoint,
+        help="Verify only this point [default: every point].",
     ),
     json_out: bool = JsonOpt,
 ) -> None:
