@@ -106,6 +106,9 @@ print(json.dumps({
     sources = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "libvbackup").rglob("*.py")
                if "__pycache__" not in p.parts}
     assert sources and not sources - set(info["record_names"]), sorted(sources - set(info["record_names"]))
+    # So was the JSON contract (libvbackup/schemas/*.json, package data).
+    schemas = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "libvbackup/schemas").glob("*.json")}
+    assert schemas and not schemas - set(info["record_names"]), sorted(schemas - set(info["record_names"]))
     assert not info["direct_url"].get("dir_info", {}).get("editable", False)
     assert not [p for p in info["sys_path"] if p and _inside(p, REPO_ROOT)], info["sys_path"]
     site = venv / "lib"
