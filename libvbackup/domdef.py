@@ -3,8 +3,9 @@
 The saved XML is the live definition at backup time, so it carries what only that running
 instance had: its id, UUID, security labels, device aliases, MAC addresses, the paths of
 auto-created channel sockets and ptys, backing chains of its disks. A restored VM is another
-machine: those go (libvirt makes new ones), its disks become the restored images, and a
-writable disk that was not restored is left out rather than shared with the original.
+machine: those go (libvirt makes new ones), its disks become the restored images, a writable
+disk that was not restored is left out and a console written to a file becomes a pty, rather
+than shared with the original.
 """
 
 from __future__ import annotations
@@ -90,12 +91,21 @@ def _point_disk_at(disk, path: str, fmt: str) -> None:
 
 
 def _reset_char_device(dev) -> None:
-    """Sockets libvirt created for the old instance and ptys it was given: created anew."""
+    """Sockets libvirt created for the old instance and ptys it was given: created anew. Files
+    (a serial console written to a file, a <log>) would be shared with the original, which
+    holds them open: the copy gets a pty and no log instead."""
     target = dev.find("target")
     if target is not None:
         target.attrib.pop("state", None)
     dev.attrib.pop("tty", None)
+    for log in dev.findall("log"):
+        dev.remove(log)
     source = dev.find("source")
+    if dev.get("type") == "file":
+        dev.set("type", "pty")
+        if source is not None:
+            dev.remove(source)
+        return
     if source is None:
         return
     if dev.get("type") == "pty" or (dev.get("type") == "unix" and source.get("mode") == "bind"

@@ -154,6 +154,8 @@ SAVED = """<domain type='qemu' id='3'><name>vm1</name><uuid>11111111-2222-3333-4
 <interface type='network'><mac address='52:54:00:01:02:03'/><source network='default'/>
 <target dev='vnet3'/><model type='virtio'/><alias name='ua-net0'/></interface>
 <serial type='pty'><source path='/dev/pts/4'/><target port='0'/></serial>
+<serial type='file'><source path='/var/log/vm1-console.log'/><target port='1'/></serial>
+<console type='pty'><source path='/dev/pts/5'/><target type='serial' port='1'/><log file='/var/log/c.log'/></console>
 <console type='pty' tty='/dev/pts/4'><source path='/dev/pts/4'/><target type='serial' port='0'/></console>
 """ + CONNECTED.split("<devices>")[1].split("</devices>")[0] + """
 <graphics type='vnc' port='5900' autoport='yes' listen='127.0.0.1'/>
@@ -176,7 +178,10 @@ def test_restored_domain_is_another_machine():
     iface = root.find("./devices/interface")
     assert iface.find("mac") is None and iface.find("target") is None
     assert iface.find("alias").get("name") == "ua-net0"  # a user alias is configuration
-    assert root.find("./devices/serial/source") is None and root.find("./devices/console").get("tty") is None
+    serials = root.findall("./devices/serial")
+    assert [x.get("type") for x in serials] == ["pty", "pty"] and all(x.find("source") is None for x in serials)
+    assert root.find("./devices/console").get("tty") is None and root.find(".//log") is None
+    assert "/var/log/" not in d.xml
     ch = root.find("./devices/channel")
     assert ch.find("source") is None and ch.find("target").get("state") is None
     assert root.find("./devices/graphics").get("port") is None
