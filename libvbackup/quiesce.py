@@ -5,7 +5,9 @@
     plan (pure)      --quiesce auto|yes|no and the agent channel's state  ->  freeze or not, why
     guard            a child process that thaws the guest if this one dies (SIGKILL) while frozen
     journal          frozen=true is written before the freeze: the next run and abort thaw first
-    freeze           virDomainFSFreeze (libvirt bounds it: 5 s per agent command in 9.0)
+    freeze           virDomainFSFreeze, the agent's answer awaited 5 s at most (libvirt's own
+                     default is to wait forever: virt.Domain.fs_freeze sets the domain's agent
+                     timeout for the call)
     begin            virDomainBackupBegin: the point in time, job and checkpoint exist
     thaw             at once, in every path; retried, since a freeze that timed out may still land
     journal          frozen=false; the guard is told it is done

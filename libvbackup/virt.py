@@ -5,6 +5,7 @@ Every libvirt failure leaves as a libvbackup error carrying libvirt's own messag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 DEFAULT_URI = "qemu:///system"
+AGENT_DEADLINE = 5  # seconds for an agent's answer to a freeze or a thaw
 
 
 def default_uri() -> str:
@@ -136,20 +138,40 @@ class Domain:
             return _msg(e)
         return None
 
-    def fs_freeze(self) -> int:
+    def fs_freeze(self, deadline: int = AGENT_DEADLINE) -> int:
         """Freeze every guest file system through the agent; returns how many were frozen.
-        libvirt bounds each agent command (5 s by default, libvirt 9.0): a guest that does not
-        answer makes this fail, never hang; it may still freeze afterwards (thaw then)."""
-        try:
-            return int(self._dom.fsFreeze(None, 0))
-        except libvirt.libvirtError as e:
-            raise StateError(f"cannot freeze the file systems of VM {self.name!r}: {_msg(e)}") from e
 
-    def fs_thaw(self) -> int:
+        libvirt waits for an agent's answer forever by default: the domain's agent timeout is
+        set to ``deadline`` seconds for the call and set back to libvirt's default afterwards
+        (libvirt cannot tell what it was before: a timeout an admin set by hand is reset).
+        A guest that does not answer makes this fail, never hang; it may still freeze later
+        (thaw then)."""
+        with self._agent_deadline(deadline):
+            try:
+                return int(self._dom.fsFreeze(None, 0))
+            except libvirt.libvirtError as e:
+                raise StateError(f"cannot freeze the file systems of VM {self.name!r}: {_msg(e)}") from e
+
+    def fs_thaw(self, deadline: int = AGENT_DEADLINE) -> int:
+        with self._agent_deadline(deadline):
+            try:
+                return int(self._retry("fsThaw", None, 0))
+            except libvirt.libvirtError as e:
+                raise StateError(f"cannot thaw the file systems of VM {self.name!r}: {_msg(e)}") from e
+
+    @contextlib.contextmanager
+    def _agent_deadline(self, seconds: int):
         try:
-            return int(self._retry("fsThaw", None, 0))
+            self._retry("agentSetResponseTimeout", seconds, 0)
         except libvirt.libvirtError as e:
-            raise StateError(f"cannot thaw the file systems of VM {self.name!r}: {_msg(e)}") from e
+            raise StateError(f"cannot set the guest agent timeout of VM {self.name!r}: {_msg(e)}") from e
+        try:
+            yield
+        finally:
+            try:
+                self._retry("agentSetResponseTimeout", libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT, 0)
+            except libvirt.libvirtError as e:
+                log.warning("cannot set the guest agent timeout of VM %r back: %s", self.name, _msg(e))
 
     def start(self) -> None:
         self._call("start the VM", "create")
@@ -300,3 +322,10 @@ class Connection:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def domain_names(self) -> list[str]:
+        """The name of every domain, running or not, persistent or transient; sorted."""
+        try:
+            return sorted(d.name() for d in self._conn.listAllDomains(0))
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"cannot list the VMs of libvirt at {self.uri}: {_msg(e)}") from e

@@ -245,3 +245,31 @@ def test_in_place_restore_of_the_shut_off_guest_then_a_full_backup(guest, grepo)
     assert guest.read_file(path) == b"version one"
     r = api.pull(guest.name, repo=str(grepo), level="auto", quiesce="yes")
     assert r.level == "full" and r.consistency == "quiesced"
+
+
+def test_an_agent_that_does_not_answer_fails_the_freeze_and_never_hangs(guest, grepo):
+    """qemu-ga stopped (SIGSTOP) for 8 s: libvirt gives up on it after its 5 s, the freeze
+    fails, and nothing waits for the agent forever (the subprocess timeout only guards a hang)."""
+    def stop_agent():
+        guest.agent("guest-exec", path="/bin/sh",
+                    arg=["-c", "(p=$(pidof qemu-ga); sleep 0.2; kill -STOP $p; sleep 8; kill -CONT $p) "
+                               "</dev/null >/dev/null 2>&1 &"])
+        time.sleep(0.5)
+
+    before = sorted(c.getName() for c in guest.dom.listAllCheckpoints(0))
+    stop_agent()
+    res = cli("pull", guest.name, "--repo", str(grepo), "--quiesce", "yes", timeout=90)
+    assert res.returncode == 4, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "cannot freeze" in res.stderr, res.stderr
+    guest.wait_agent(60)
+    assert guest.fsfreeze_status() == "thawed"
+    assert sorted(c.getName() for c in guest.dom.listAllCheckpoints(0)) == before
+    assert journal(grepo, guest.name) is None and leftovers() == []
+    # auto: the same agent trouble gives a crash-consistent point, and says why.
+    stop_agent()
+    res = cli("pull", guest.name, "--repo", str(grepo), "--checkpoint", "hung", "--json", timeout=90)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["consistency"] == "crash" and "freezing failed" in doc["consistency_note"], doc
+    guest.wait_agent(60)
+    assert guest.fsfreeze_status() == "thawed"
