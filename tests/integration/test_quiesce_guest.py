@@ -107,8 +107,14 @@ def test_quiesced_full_and_incremental_hold_what_the_guest_wrote(guest, grepo, w
     r3 = restored(grepo, guest.name, "q3", workdir)
     assert fs_file(r3["vda"], "/cached3.txt") in (None, b"")  # the crash-consistent point lacks it
     assert fs_file(r3["vda"], "/synced1.bin") == synced1
+    # Push mode freezes around its job the same way.
+    guest.check(["sh", "-c", f"printf 'cached before the push' > {vb}/cached4.txt"])
+    pushed = api.push(guest.name, repo=str(grepo), level="inc", checkpoint="q4", quiesce="yes")
+    assert pushed.consistency == "quiesced" and seen[-2:] == ["frozen", "frozen"]
+    assert fs_file(restored(grepo, guest.name, "q4", workdir)["vdb"], "/cached4.txt") == b"cached before the push"
     listing = cli("list", guest.name, "--repo", str(grepo))
-    assert [line.split()[4] for line in listing.stdout.splitlines()[1:]] == ["quiesced", "quiesced", "crash"]
+    assert [line.split()[4] for line in listing.stdout.splitlines()[1:]] == ["quiesced", "quiesced", "crash",
+                                                                             "quiesced"]
 
 
 def test_thawed_after_an_error_of_the_job(guest, grepo, monkeypatch):
