@@ -6,13 +6,16 @@ tests/unit/test_layers.py holds the code to it):
 - ``errors``      the one exception hierarchy
 - ``results``     what operations return: frozen dataclasses, ``to_dict`` for --json (pure)
 - ``domxml``      reading a domain's XML: which disks can be backed up (pure)
+- ``domdef``      a new domain definition from the XML saved with a point (pure)
 - ``xmlgen``      <domainbackup>/<domaincheckpoint> documents from xml_templates/ (pure)
 - ``extents``     NBD extent merging and copy planning (pure)
 - ``records``     sparse digest records as a stream of raw bytes (pure)
 - ``checksum``    block digests of guest data (pure; xxhash loads only when digests are made)
 - ``sums``        how a point stores its digests: sparse records, the blkhash (pure)
 - ``manifest``    the repository's on-disk format (pure parse/serialise)
+- ``retention``   which points a prune keeps: borg's last/daily/weekly/monthly/yearly rules (pure)
 - ``plan``        which checkpoint a backup extends, its level, names; prune plans (pure)
+- ``config``      the configuration file: defaults and per-VM policies for ``run`` (pure, but for reading it)
 - ``checkpoints`` libvirt's checkpoints seen from the repository: usable, redefinable, whose
 - ``documents``   the XML documents of a plan (pure)
 - ``qcow2``       where each cluster of a new qcow2 image goes, and its metadata (pure)
@@ -28,11 +31,15 @@ tests/unit/test_layers.py holds the code to it):
 - ``target``      the image files the engine writes (raw, and qcow2 through ``qcow2``)
 - ``qemuimg``     qemu-img wrappers
 - ``repo``        the repository: every path convention, the lock, sums, commit of a point
+- ``quiesce``     guest file systems frozen through the agent while the job begins; the thaw guard
 - ``journal``     the run journal: states, clean-up and recovery of a dead run
 - ``scratch``     the run directory and the scratch guard
 - ``transport``   what the pull and push transports share
 - ``pull``, ``push``   the transports
 - ``backup``, ``restore``, ``verify``, ``prune``, ``lifecycle``   operations
+- ``vmrestore``   a VM back from a point: defined anew, or its disks put back in place
+- ``api``         the Python API: every operation, keyword arguments, typed results
+- ``runner``      ``libvbackup run``: every VM a policy names, a few at once, one report
 - ``cli``         typer commands, thin
 """
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+import threading
 from typing import BinaryIO
 
 from . import lock as lock_mod, manifest as mf, records, sums
@@ -99,7 +100,7 @@ class Repository:
             )
         self.check_readable()
         # os.access() says yes to root even on a read-only file system: try for real.
-        probe = self.root / f".probe-{os.getpid()}"
+        probe = self.root / f".probe-{os.getpid()}-{threading.get_ident()}"  # (threads of one process too)
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)

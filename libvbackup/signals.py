@@ -48,10 +48,30 @@ def deferred() -> Iterator[list]:
             signal.signal(s, h)
 
 
+_umask_lock = threading.Lock()
+_umask_holders = 0
+_umask_saved = 0  # the umask before the first holder came in
+_umask_held = 0  # the umask while there are holders: every holder's bits
+
+
 @contextlib.contextmanager
 def umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
+    """At least ``mask`` as the process umask while any thread is inside (``libvbackup run``
+    backs up several VMs at once in threads, and the umask is the process's): the first
+    entrant sets it, a later one may only add bits (never, even for an instant, remove one),
+    the last one out restores the old one."""
+    global _umask_holders, _umask_saved, _umask_held
+    with _umask_lock:
+        if _umask_holders == 0:
+            _umask_saved, _umask_held = os.umask(mask), mask
+        elif mask & ~_umask_held:
+            _umask_held |= mask
+            os.umask(_umask_held)
+        _umask_holders += 1
     try:
         yield
     finally:
-        os.umask(old)
+        with _umask_lock:
+            _umask_holders -= 1
+            if _umask_holders == 0:
+                os.umask(_umask_saved)
