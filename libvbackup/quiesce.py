@@ -74,9 +74,7 @@ class Freezer:
 
     def run(self, begin: Callable[[], None]) -> None:
         if not self._plan.freeze:
-            if self._plan.mode == "auto":
-                log.warning("VM %r: the point will be crash-consistent only: %s", self._dom.name, self.note)
-            begin()
+            begin()  # (the result says why the point is crash-consistent; the CLI warns at the end)
             return
         guard = _Guard.start(self._uri, self._dom.name)
         self._on_frozen(True)  # recorded before the freeze has any effect
@@ -88,7 +86,7 @@ class Freezer:
             if self._plan.mode == "yes":
                 raise
             self.note = f"freezing failed: {e.message}"
-            log.warning("VM %r: the point will be crash-consistent only: %s", self._dom.name, self.note)
+            log.info("VM %r: the point will be crash-consistent only: %s", self._dom.name, self.note)
             begin()
             return
         try:

@@ -101,6 +101,8 @@ def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclu
                 disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
                 progress=progress_mode(progress, json_out),
                 scratch_limit=parse_size(scratch_limit) if scratch_limit else None, quiesce=quiesce)
+    if quiesce == "auto" and not dry_run and result.consistency == "crash":
+        typer.echo(f"libvbackup: warning: the point is crash-consistent only: {result.consistency_note}", err=True)
     if json_out:
         emit_json(result.to_dict())
         return
