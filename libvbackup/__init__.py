@@ -35,7 +35,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``journal``     the run journal: states, clean-up and recovery of a dead run
 - ``scratch``     the run directory and the scratch guard
 - ``transport``   what the pull and push transports share
-- ``pull``, ``push``   the transports
+- ``pull``, ``push``, ``offline``   the transports (``offline``: a shut-off domain's images)
 - ``backup``, ``restore``, ``verify``, ``prune``, ``lifecycle``   operations
 - ``vmrestore``   a VM back from a point: defined anew, or its disks put back in place
 - ``api``         the Python API: every operation, keyword arguments, typed results

@@ -26,7 +26,7 @@ import stat
 import time
 from typing import Callable, Sequence
 
-from . import checkpoints, domxml, journal, manifest as mf, pull as pull_transport, push as push_transport
+from . import checkpoints, domxml, journal, manifest as mf, offline, pull as pull_transport, push as push_transport
 from . import quiesce, scratch
 from .documents import Documents, documents
 from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
@@ -40,7 +40,7 @@ from .virt import Connection
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = {"pull": pull_transport.run, "push": push_transport.run}
+TRANSPORTS = {"pull": pull_transport.run, "push": push_transport.run, "offline": offline.run}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,13 @@ class Planned:
     manifest: mf.Manifest
     choice: ParentChoice
     quiesce: quiesce.QuiescePlan
-    seen: tuple  # what the plan was made from, to tell whether it must be made again
+    seen: tuple
+    offline: bool = False  # the VM is shut off: its images are read directly (``offline``)
+    mode: str = "pull"
+
+    @property
+    def transport(self) -> str:
+        return "offline" if self.offline else self.mode  # what the plan was made from, to tell whether it must be made again
 
 
 def pull(vm: str, **kw) -> BackupResult:
@@ -169,10 +175,16 @@ def _running_job_error(dom, repository: Repository) -> StateError:
 def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | None = None) -> Planned:
     """Look (read-only) and plan (pure): every check before anything exists."""
     vm = dom.name
-    if not dom.is_running():
-        raise StateError(f"VM {vm!r} is not running; a backup needs a running VM",
-                         f"start it with: virsh start {vm}")
-    if dom.has_backup_job():
+    running = dom.is_running()
+    if not running:
+        if req.mode == "push":
+            raise StateError(f"VM {vm!r} is shut off; a push backup needs QEMU running",
+                             f"use pull: it backs up a shut-off VM from its images (libvbackup pull {vm})")
+        if not dom.local:
+            raise StateError(f"VM {vm!r} is shut off and libvirt is remote: an offline backup reads the "
+                             "images, which are on the hypervisor",
+                             "start the VM, or run libvbackup on the hypervisor")
+    elif dom.has_backup_job():
         raise _running_job_error(dom, repository)
     seen = _seen(dom, repository, vm)
     domain_xml = dom.xml()
@@ -181,7 +193,8 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
     sizes = {d.target: dom.disk_capacity(d.target) for d in chosen}
     identities = _identities(dom, chosen)
     probe = checkpoints.Probe(dom, manifest, failed,
-                              needed=lambda chk: needs_bitmap(manifest.get(chk), chosen, sizes, identities))
+                              needed=lambda chk: needs_bitmap(manifest.get(chk), chosen, sizes, identities),
+                              validate=None if running else offline.validator(dom, manifest))
     choice = choose_parent(manifest, level=req.level, incremental=req.incremental, unusable=probe.unusable)
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=probe.checkpoint_names, checkpoint=req.checkpoint,
                        incremental=choice.parent, prefix=repository.checkpoint_prefix, sizes=sizes,
@@ -190,10 +203,13 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
         if d.backing and not repository.image(vm, d.backing).is_file():
             raise RepositoryError(f"image {repository.image(vm, d.backing)} of point {plan.parent!r} is missing",
                                   "run a full backup (--level full) to start a new chain")
-    qplan = quiesce.plan(vm, req.quiesce, domxml.agent_state(domain_xml))
+    if running:
+        qplan = quiesce.plan(vm, req.quiesce, domxml.agent_state(domain_xml))
+    else:  # nothing to freeze: the disks are at rest
+        qplan = quiesce.QuiescePlan(req.quiesce, False, "the VM is shut off")
     run_dir = scratch.run_dir(scratch.base(req.scratch_dir), vm, plan.checkpoint)
     docs = documents(plan, run_dir, str(repository.root), req.mode)
-    return Planned(domain_xml, docs, manifest, choice, qplan, seen)
+    return Planned(domain_xml, docs, manifest, choice, qplan, seen, offline=not running, mode=req.mode)
 
 
 def _identities(dom, disks) -> dict[str, str]:
@@ -229,7 +245,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
     docs, plan = planned.docs, planned.docs.plan
     vm = plan.vm
     partial = repository.partial_dir(vm, plan.checkpoint)
-    record = RunRecord(vm=vm, checkpoint=plan.checkpoint, mode=req.mode, started=journal.now(),
+    record = RunRecord(vm=vm, checkpoint=plan.checkpoint, mode=planned.transport, started=journal.now(),
                        pid=os.getpid(), run_dir=str(docs.run_dir), partial=str(partial),
                        final=str(repository.point_dir(vm, plan.checkpoint)))
     t0 = time.monotonic()
@@ -249,7 +265,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
         freezer = quiesce.Freezer(dom, planned.quiesce, dom.uri, frozen)
         ctx = RunContext(repository, dom, docs, planned.manifest, partial, progress, scratch_limit, on_job_started,
                          freezer)
-        results = TRANSPORTS[req.mode](ctx)
+        results = TRANSPORTS[planned.transport](ctx)
         point = _point(repository, dom, planned, req, record, results, time.monotonic() - t0, freezer)
         repository.commit_point(planned.manifest, point)
         journal.cleanup(repository, dom, record)  # the point is in the manifest: only the run dir goes
@@ -261,7 +277,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
                 log.error("clean-up after the failed backup was incomplete: %s", ce)
         if pending and not isinstance(e, Interrupted):
             raise Interrupted(pending[0]) from e
-        if isinstance(e, Error) and not isinstance(e, Interrupted) and not _still_running(dom):
+        if isinstance(e, Error) and not isinstance(e, Interrupted) and not planned.offline and not _still_running(dom):
             raise StateError(f"VM {vm!r} stopped during the backup (QEMU exited); the backup was "
                              "abandoned and cleaned up",
                              "start the VM again and take a full backup (--level auto does)") from e
@@ -291,10 +307,11 @@ def _point(repository: Repository, dom, planned: Planned, req: Request, record: 
         for r in results
     }
     planned.manifest.uuid = planned.manifest.uuid or dom.uuid()
-    return mf.Point(checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode=req.mode,
+    return mf.Point(checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode=planned.transport,
                     started=record.started, completed=journal.now(), seconds=round(seconds, 3), disks=disks,
                     domain_xml=planned.domain_xml, checkpoint_xml=dom.checkpoint_xml(plan.checkpoint),
-                    consistency=freezer.consistency, frozen_seconds=freezer.frozen_seconds)
+                    consistency="offline" if planned.offline else freezer.consistency,
+                    frozen_seconds=freezer.frozen_seconds)
 
 
 def _result(repository: Repository, planned: Planned, req: Request, point: mf.Point | None,
@@ -308,10 +325,11 @@ def _result(repository: Repository, planned: Planned, req: Request, point: mf.Po
             image=str(repository.image(plan.vm, pd.image)) if pd else None, backing=d.backing, size=pd.size if pd else d.size,
             bytes_copied=pd.bytes_copied if pd else 0, bytes_zeroed=pd.bytes_zeroed if pd else 0)
     return BackupResult(
-        vm=plan.vm, checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode=req.mode,
+        vm=plan.vm, checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode=planned.transport,
         requested_level=req.requested_level, fallback_reason=planned.choice.reason, redefined=plan.redefine,
         disks=disks, seconds=point.seconds if point is not None else None, dry_run=dry_run,
-        consistency=point.consistency if point is not None else ("quiesced" if planned.quiesce.freeze else "crash"),
+        consistency=point.consistency if point is not None else (
+            "offline" if planned.offline else "quiesced" if planned.quiesce.freeze else "crash"),
         frozen_seconds=point.frozen_seconds if point is not None else None,
         consistency_note=note if point is not None else planned.quiesce.why_not,
         backup_xml=planned.docs.backup_xml if dry_run else None,

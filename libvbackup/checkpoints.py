@@ -54,8 +54,13 @@ class Probe:
     and refuses an incremental from a broken one."""
 
     def __init__(self, dom, manifest: Manifest, failed: dict[str, str] | None = None,
-                 needed: Callable[[str], Collection[str]] | None = None):
+                 needed: Callable[[str], Collection[str]] | None = None,
+                 validate: Callable[[str], str | None] | None = None):
         self.dom = dom
+        # A shut-off domain (offline.validator) has its images checked by us, even for a checkpoint
+        # libvirt lost: libvirt 9.0 validates a running domain's bitmaps only.
+        self.offline = validate is not None
+        self.validate = validate or dom.validate_checkpoint
         self.manifest = manifest
         self.failed = dict(failed or {})
         self.needed = needed
@@ -71,10 +76,12 @@ class Probe:
             missing = [p.checkpoint for p in lost if not p.checkpoint_xml]
             if missing:
                 return f"libvirt no longer has checkpoint {missing[-1]!r} and the repository saved no XML for it"
+            if self.offline and (why := self.validate(chk)) is not None:
+                return why
             self.needs_redefine = [p.checkpoint for p in lost]
             return None
         if chk not in self._valid:
-            self._valid[chk] = self.dom.validate_checkpoint(chk)
+            self._valid[chk] = self.validate(chk)
         why = self._valid[chk]
         disk = broken_disk(why) if why is not None else None
         if disk is not None and self.needed is not None and disk not in self.needed(chk):
@@ -113,8 +120,9 @@ def redefine(dom, manifest: Manifest, names: tuple[str, ...]) -> RedefineFailure
     (libvirt validates the bitmaps). On a refusal the ones redefined by this call are removed
     again (metadata only), so libvirt is left as it was; returns what failed, or None."""
     done: list[str] = []
+    running = dom.is_running()  # (a shut-off domain's bitmaps were checked by offline.validator)
     for name in names:
-        why = dom.redefine_checkpoint(manifest.get(name).checkpoint_xml)
+        why = dom.redefine_checkpoint(manifest.get(name).checkpoint_xml, validate=running)
         if why is not None:
             for back in reversed(done):
                 try:

@@ -285,11 +285,15 @@ def export(socket: str, name: str, bitmap: str | None = None, connections: int =
     return Source(handles, f"export {name!r}", dirty)
 
 
-def image(path: str, fmt: str = "qcow2", own_layer: bool = False, connections: int = CONNECTIONS) -> Source:
+def image(path: str, fmt: str = "qcow2", own_layer: bool = False, connections: int = CONNECTIONS,
+          bitmap: str | None = None) -> Source:
     """An image (and its backing chain) served read-only by a qemu-nbd of our own.
 
     ``own_layer``: the ranges this image holds itself (not its backing files) are the dirty
-    ones, from ``qemu:allocation-depth``. qemu-nbd is our child, listening on a socket in a
+    ones, from ``qemu:allocation-depth``. ``bitmap``: the dirty ones are those of this
+    persistent dirty bitmap of the image (a shut-off domain's checkpoint; qemu-nbd ``-B``).
+    qemu-nbd holds the image's shared read lock: QEMU cannot open it for writing (start the
+    domain) while it is served. qemu-nbd is our child, listening on a socket in a
     private directory for ``connections`` clients (read-only, so every connection sees the
     same data); it exits when the last of them disconnects, so it never outlives us for long.
     """
@@ -297,7 +301,11 @@ def image(path: str, fmt: str = "qcow2", own_layer: bool = False, connections: i
             "--shared", str(connections)]
     if own_layer:
         argv.append("--allocation-depth")
-    contexts = [nbd.CONTEXT_BASE_ALLOCATION] + ([ALLOCATION_DEPTH] if own_layer else [])
+    dirty = ALLOCATION_DEPTH if own_layer else None
+    if bitmap is not None:
+        argv += ["-B", bitmap]
+        dirty = f"qemu:dirty-bitmap:{bitmap}"
+    contexts = [nbd.CONTEXT_BASE_ALLOCATION] + ([dirty] if dirty else [])
     directory = tempfile.mkdtemp(prefix="lvb-nbd-")  # 0700
     sock = os.path.join(directory, "nbd.sock")
     server = None
@@ -331,7 +339,7 @@ def image(path: str, fmt: str = "qcow2", own_layer: bool = False, connections: i
     except BaseException:
         Source(handles, path, process=server, directory=directory).close() if handles else _stop(server, directory)
         raise
-    return Source(handles, f"image {path}", ALLOCATION_DEPTH if own_layer else None, process=server,
+    return Source(handles, f"image {path}", dirty, process=server,
                   directory=directory, request_size=IMAGE_REQUEST_SIZE)
 
 

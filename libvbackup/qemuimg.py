@@ -72,3 +72,18 @@ def rebase(path: str, backing_name: str | None, fmt: str = "qcow2") -> None:
     """
     target = ["-b", backing_name, "-F", fmt] if backing_name is not None else ["-b", ""]
     _run(["qemu-img", "rebase", "-q", "-t", "writethrough", "-f", "qcow2", *target, path])
+
+
+def bitmaps(path: str) -> dict[str, tuple[str, ...]]:
+    """The persistent dirty bitmaps of a qcow2 image: name -> flags ("auto": enabled, recording
+    writes; "in-use": QEMU had it open and did not store it, so it cannot be trusted). Read
+    without taking the image's lock (-U): a look, nothing more."""
+    doc = json.loads(_run(["qemu-img", "info", "-U", "--output=json", path]))
+    data = (doc.get("format-specific") or {}).get("data") or {}
+    return {b["name"]: tuple(b.get("flags", ())) for b in data.get("bitmaps", ())}
+
+
+def add_bitmap(path: str, name: str, granularity: int = 65536) -> None:
+    """A new, enabled persistent bitmap (what QEMU makes for a checkpoint of a running domain).
+    Takes the image's write lock: fails while a QEMU has the image open."""
+    _run(["qemu-img", "bitmap", "--add", "--enable", "-g", str(granularity), path, name])

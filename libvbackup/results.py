@@ -57,7 +57,7 @@ class BackupResult(Result):
     checkpoint: str
     parent: str | None
     level: str  # full | incremental | differential
-    mode: str  # pull | push
+    mode: str  # pull | push | offline (a shut-off VM read from its images)
     requested_level: str
     fallback_reason: str | None
     redefined: tuple[str, ...]  # checkpoints given back to libvirt (dry run: that would be)

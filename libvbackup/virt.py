@@ -130,10 +130,14 @@ class Domain:
             return _msg(e) if isinstance(e, libvirt.libvirtError) else e.message
         return None
 
-    def redefine_checkpoint(self, xml: str) -> str | None:
-        """Give libvirt back a checkpoint it lost, from saved XML; None on success, else why not."""
+    def redefine_checkpoint(self, xml: str, validate: bool = True) -> str | None:
+        """Give libvirt back a checkpoint it lost, from saved XML; None on success, else why not.
+
+        ``validate``: libvirt checks the bitmaps in the images (REDEFINE_VALIDATE, which libvirt
+        9.0 can do for a running domain only: the offline transport checks them itself)."""
+        flags = _REDEFINE_VALIDATE if validate else libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
         try:
-            self._retry("checkpointCreateXML", xml, _REDEFINE_VALIDATE)
+            self._retry("checkpointCreateXML", xml, flags)
         except libvirt.libvirtError as e:
             return _msg(e)
         return None
