@@ -254,35 +254,143 @@ class Source:
         self.close()
 
 
-def _connect_unix(socket: str, export: str, contexts: Sequence[str], index: int) -> "nbd.NBD":
+def _handle(export: str, contexts: Sequence[str], index: int, tls_dir: str | None = None) -> "nbd.NBD":
     h = nbd.NBD()
     h.set_handle_name(f"src-{export}-{index}")
     h.set_export_name(export)
     for ctx in contexts:
         h.add_meta_context(ctx)
+    if tls_dir is not None:
+        h.set_tls(nbd.TLS_REQUIRE)  # never falls back to plain NBD
+        h.set_tls_certificates(tls_dir)
+    return h
+
+
+def _check_contexts(h: "nbd.NBD", export: str, contexts: Sequence[str]) -> None:
+    for ctx in contexts:
+        if not h.can_meta_context(ctx):
+            raise CopyError(f"NBD export {export!r} does not offer {ctx}")
+
+
+def _connect_unix(socket: str, export: str, contexts: Sequence[str], index: int) -> "nbd.NBD":
+    h = _handle(export, contexts, index)
     try:
         h.connect_unix(socket)
     except nbd.Error as e:
         raise _err(f"cannot connect to NBD export {export!r} on {socket}", e) from e
-    for ctx in contexts:
-        if not h.can_meta_context(ctx):
-            raise CopyError(f"NBD export {export!r} does not offer {ctx}")
+    _check_contexts(h, export, contexts)
     return h
+
+
+TLS_CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")  # libnbd's names
+
+
+def _check_tls_dir(tls_dir: str) -> None:
+    if not os.path.isdir(tls_dir):
+        raise CopyError(f"TLS certificate directory {tls_dir} does not exist")
+    for f in TLS_CLIENT_FILES:
+        path = os.path.join(tls_dir, f)
+        if not os.path.isfile(path):
+            raise CopyError(f"TLS certificate directory {tls_dir} has no {f}",
+                            f"it needs {', '.join(TLS_CLIENT_FILES)}")
+        if not os.access(path, os.R_OK):
+            raise CopyError(f"cannot read {path}: permission denied")
+
+
+def _reason(e: "nbd.Error") -> str:
+    """libnbd's message without the name of the call that failed, on one line."""
+    text = " ".join((e.string or str(e)).split())
+    head, sep, rest = text.partition(": ")
+    return rest if sep and head.startswith("nbd_") else text
+
+
+def _connect_tcp(host: str, port: int, export: str, contexts: Sequence[str], index: int,
+                 tls_dir: str | None, timeout: float) -> "nbd.NBD":
+    """One connection, ready within ``timeout`` seconds or a CopyError: libnbd's synchronous
+    connect waits forever on a server that accepts and then says nothing, so the handshake
+    (TLS included) runs on the asynchronous API, polled until the deadline."""
+    where = f"the NBD export {export} at {host}:{port}{' over TLS' if tls_dir is not None else ''}"
+    h = _handle(export, contexts, index, tls_dir)
+    deadline = time.monotonic() + timeout
+    try:
+        # (A host name is resolved synchronously, before the deadline applies.)
+        h.aio_connect_tcp(host, str(port))
+        while h.aio_is_connecting():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CopyError(f"cannot connect to {where}: no answer within {timeout:g} s")
+            _poll(h, max(1, min(1000, int(left * 1000))))
+        if not h.aio_is_ready():
+            raise CopyError(f"cannot connect to {where}: the server closed the connection")
+    except nbd.Error as e:
+        reason = _reason(e)
+        hint = None
+        if tls_dir is not None and ("TLS" in reason or "gnutls" in reason):
+            # A server refusing our certificate just drops the session (GnuTLS does not even
+            # send a certificate whose CA the server did not list): say where to look.
+            hint = f"the server must trust the CA that signed {os.path.join(tls_dir, 'client-cert.pem')}"
+        raise CopyError(f"cannot connect to {where}: {reason}", hint) from e
+    _check_contexts(h, export, contexts)
+    return h
+
+
+def _poll(h: "nbd.NBD", timeout_ms: int) -> None:
+    """Wait up to ``timeout_ms`` for the connection's socket, then let libnbd go on."""
+    d = h.aio_get_direction()
+    ev = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0)
+    p = select.poll()
+    if ev:
+        p.register(h.aio_get_fd(), ev)
+    for _fd, rev in p.poll(timeout_ms):
+        if rev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            h.aio_notify_read()
+        if rev & select.POLLOUT:
+            h.aio_notify_write()
+
+
+def _contexts(bitmap: str | None) -> tuple[str | None, list[str]]:
+    dirty = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
+    return dirty, [nbd.CONTEXT_BASE_ALLOCATION] + ([dirty] if dirty else [])
+
+
+def _open_export(connect, name: str, dirty: str | None, connections: int) -> Source:
+    """``connect(index)`` once, then ``connections`` times in all when the server offers
+    multi-conn (QEMU does for read-only exports: every connection sees the same data)."""
+    handles = [connect(0)]
+    try:
+        if handles[0].can_multi_conn():
+            handles += [connect(i) for i in range(1, connections)]
+    except BaseException:
+        Source(handles, name).close()
+        raise
+    return Source(handles, f"export {name!r}", dirty)
 
 
 def export(socket: str, name: str, bitmap: str | None = None, connections: int = CONNECTIONS) -> Source:
     """A pull-mode export on a unix socket, with ``connections`` connections when the server
     offers multi-conn (QEMU does for read-only exports: every connection sees the same data)."""
-    dirty = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
-    contexts = [nbd.CONTEXT_BASE_ALLOCATION] + ([dirty] if dirty else [])
-    handles = [_connect_unix(socket, name, contexts, 0)]
-    try:
-        if handles[0].can_multi_conn():
-            handles += [_connect_unix(socket, name, contexts, i) for i in range(1, connections)]
-    except BaseException:
-        Source(handles, name).close()
-        raise
-    return Source(handles, f"export {name!r}", dirty)
+    dirty, contexts = _contexts(bitmap)
+    return _open_export(lambda i: _connect_unix(socket, name, contexts, i), name, dirty, connections)
+
+
+def export_tcp(host: str, port: int, name: str, bitmap: str | None = None, tls_dir: str | None = None,
+               connections: int = CONNECTIONS, timeout: float = 30.0) -> Source:
+    """A pull-mode export over TCP (libvirt's ``<server transport='tcp' … tls='yes'/>``), as
+    ``export`` gives it on a unix socket.
+
+    ``tls_dir``: TLS is required (no fallback to plain NBD), with libnbd's ``ca-cert.pem``,
+    ``client-cert.pem`` and ``client-key.pem`` from there; the server's certificate must
+    name ``host``. None: plain TCP. Each connection is ready within ``timeout`` seconds or
+    fails with a CopyError naming the export, host, port and libnbd's reason.
+
+    Over TLS the engine's usual reads suit (REQUEST_SIZE, MAX_INFLIGHT per connection): small
+    synchronous requests are what stalls there (LAB.md: 11-44 ms each).
+    """
+    if tls_dir is not None:
+        _check_tls_dir(tls_dir)
+    dirty, contexts = _contexts(bitmap)
+    return _open_export(lambda i: _connect_tcp(host, port, name, contexts, i, tls_dir, timeout),
+                        name, dirty, connections)
 
 
 def image(path: str, fmt: str = "qcow2", own_layer: bool = False, connections: int = CONNECTIONS,

@@ -1,4 +1,4 @@
-"""Take a pull-mode backup of a running VM.
+"""Take a pull-mode backup of a VM, running or shut off.
 
 Without --incremental, a full backup: every allocated byte of each disk is copied. With
 --incremental CHK, only what changed since checkpoint CHK: the previous point gives an
@@ -6,6 +6,10 @@ incremental, an older one a differential. Either way a new libvirt checkpoint is
 (named by --checkpoint, or lvb-<repository tag>-<UTC time>); it names the new backup point.
 
 Raw-format disks cannot hold dirty bitmaps: they are copied in full every time.
+
+A shut-off VM is backed up from its disk images, in the same chain (an incremental reads the
+persistent bitmap of its parent checkpoint); starting it meanwhile is refused by QEMU's image
+lock. Push mode needs the VM running.
 
 Examples:
 
@@ -38,7 +42,7 @@ def backup_command(mode: str, doc: str):
     """The pull and push commands: one signature, the mode bound here."""
 
     def command(
-        vm: str = typer.Argument(..., metavar="VM", help="Name of the libvirt domain (must be running).",
+        vm: str = typer.Argument(..., metavar="VM", help="Name of the libvirt domain (pull: running or shut off; push: running).",
                                 autocompletion=complete_vm),
         repo: Optional[str] = RepoOpt,
         incremental: Optional[str] = typer.Option(
