@@ -40,6 +40,7 @@ from .virt import Connection
 
 log = logging.getLogger(__name__)
 
+MODES = ("pull", "push")  # what a caller asks for; a shut-off VM's pull goes offline
 TRANSPORTS = {"pull": pull_transport.run, "push": push_transport.run, "offline": offline.run}
 
 
@@ -118,7 +119,7 @@ def backup(
     Guest writes during the backup go to scratch images; the run is aborted (never the guest)
     past ``scratch_limit`` bytes or when the scratch file system runs low (``scratch``).
     """
-    if mode not in TRANSPORTS:
+    if mode not in MODES:
         raise UsageError(f"unknown backup mode {mode!r}; use pull or push")
     req = Request(vm, mode, checkpoint, incremental, level, tuple(disks), tuple(exclude), scratch_dir, quiesce)
     repository = Repository(repo)

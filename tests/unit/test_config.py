@@ -99,7 +99,7 @@ def test_the_documented_formats_parse():
 
 
 def test_the_checked_values_are_libvbackup_s():
-    assert config.MODES == tuple(backup.TRANSPORTS)
+    assert config.MODES == backup.MODES
     assert config.QUIESCE == quiesce.MODES
     assert set(config.RETENTION.values()) == set(retention.RULES)
     assert parse(f'[defaults]\nlevel = "{LEVELS[-1]}"\n', P).defaults.level == LEVELS[-1]
