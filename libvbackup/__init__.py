@@ -7,6 +7,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``results``     what operations return: frozen dataclasses, ``to_dict`` for --json (pure)
 - ``domxml``      reading a domain's XML: which disks can be backed up (pure)
 - ``domdef``      a new domain definition from the XML saved with a point (pure)
+- ``netexport``   where a pull export listens when not on this host: address, ports, TLS
 - ``xmlgen``      <domainbackup>/<domaincheckpoint> documents from xml_templates/ (pure)
 - ``extents``     NBD extent merging and copy planning (pure)
 - ``records``     sparse digest records as a stream of raw bytes (pure)

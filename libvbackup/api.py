@@ -70,7 +70,9 @@ def _progress(on_progress: OnProgress | None, progress: str) -> object:
 def pull(vm: str, *, repo: str, uri: str | None = None, level: str | None = None, incremental: str | None = None,
          checkpoint: str | None = None, disks: Sequence[str] = (), exclude: Sequence[str] = (),
          quiesce: str = "auto", scratch_dir: str | None = None, scratch_limit: int | None = None,
-         dry_run: bool = False, on_progress: OnProgress | None = None, progress: str = "none") -> BackupResult:
+         dry_run: bool = False, on_progress: OnProgress | None = None, progress: str = "none",
+         nbd_address: str | None = None, nbd_port: str | None = None, tls_dir: str | None = None,
+         tls: bool = True) -> BackupResult:
     """Pull-mode backup of a running VM: libvirt exports each disk over NBD at a point in time
     and a new checkpoint; libvbackup copies what is needed into the repository ``repo``.
 
@@ -85,22 +87,31 @@ def pull(vm: str, *, repo: str, uri: str | None = None, level: str | None = None
     ``scratch_dir``: where QEMU keeps the old data of guest writes during the backup;
     ``scratch_limit``: bytes of it after which the backup (never the guest) is aborted.
     ``dry_run``: plan only (the result carries the XML that would be passed to libvirt).
+    A VM that is shut off is backed up from its images (``mode`` of the result: ``offline``).
+    With a remote ``uri`` (``qemu+ssh://root@host/system``) the export is on TCP at
+    ``nbd_address`` (default: the URI's host), the first free port of ``nbd_port`` (``"10809"``
+    or ``"10809-10909"``, the default), TLS with the client certificate in ``tls_dir`` (default
+    ``/etc/pki/qemu``) unless ``tls=False``; ``scratch_dir`` is then a directory there.
     """
     return _backup.backup(vm, mode="pull", repo=repo, uri=uri, checkpoint=checkpoint, incremental=incremental,
                           level=level, disks=disks, exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run,
-                          progress=_progress(on_progress, progress), scratch_limit=scratch_limit, quiesce=quiesce)
+                          progress=_progress(on_progress, progress), scratch_limit=scratch_limit, quiesce=quiesce,
+                          nbd_address=nbd_address, nbd_port=nbd_port, tls_dir=tls_dir, tls=tls)
 
 
 def push(vm: str, *, repo: str, uri: str | None = None, level: str | None = None, incremental: str | None = None,
          checkpoint: str | None = None, disks: Sequence[str] = (), exclude: Sequence[str] = (),
          quiesce: str = "auto", scratch_dir: str | None = None, scratch_limit: int | None = None,
-         dry_run: bool = False, on_progress: OnProgress | None = None, progress: str = "none") -> BackupResult:
+         dry_run: bool = False, on_progress: OnProgress | None = None, progress: str = "none",
+         nbd_address: str | None = None, nbd_port: str | None = None, tls_dir: str | None = None,
+         tls: bool = True) -> BackupResult:
     """Push-mode backup: QEMU writes each disk's image itself (into ``scratch_dir``, best on
     the repository's file system), then libvbackup checks and moves it into the repository.
     Same arguments and result as ``pull``."""
     return _backup.backup(vm, mode="push", repo=repo, uri=uri, checkpoint=checkpoint, incremental=incremental,
                           level=level, disks=disks, exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run,
-                          progress=_progress(on_progress, progress), scratch_limit=scratch_limit, quiesce=quiesce)
+                          progress=_progress(on_progress, progress), scratch_limit=scratch_limit, quiesce=quiesce,
+                          nbd_address=nbd_address, nbd_port=nbd_port, tls_dir=tls_dir, tls=tls)
 
 
 def list_points(vm: str, *, repo: str) -> ListResult:

@@ -27,7 +27,7 @@ import time
 from typing import Callable, Sequence
 
 from . import checkpoints, domxml, journal, manifest as mf, offline, pull as pull_transport, push as push_transport
-from . import quiesce, scratch
+from . import netexport, quiesce, scratch, xmlgen
 from .documents import Documents, documents
 from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
 from .journal import RunRecord, RunState
@@ -57,6 +57,10 @@ class Request:
     exclude: tuple[str, ...] = ()
     scratch_dir: str | None = None
     quiesce: str = "auto"
+    nbd_address: str | None = None
+    nbd_port: str | None = None
+    tls_dir: str | None = None
+    tls: bool = True
 
     @property
     def requested_level(self) -> str:
@@ -73,6 +77,8 @@ class Planned:
     seen: tuple
     offline: bool = False  # the VM is shut off: its images are read directly (``offline``)
     mode: str = "pull"
+    net: netexport.NetExport | None = None  # the export is on TCP (remote libvirt)
+    remote: bool = False  # libvirt runs on another host
 
     @property
     def transport(self) -> str:
@@ -105,6 +111,10 @@ def backup(
     progress: str = "none",
     scratch_limit: int | None = None,
     quiesce: str = "auto",
+    nbd_address: str | None = None,
+    nbd_port: str | None = None,
+    tls_dir: str | None = None,
+    tls: bool = True,
     on_job_started: Callable[[], None] | None = None,
 ) -> BackupResult:
     """Take a backup of a running VM (``mode`` pull or push).
@@ -114,6 +124,9 @@ def backup(
     ``yes`` refuses to run without a connected agent; ``no`` never freezes. The guest is thawed
     as soon as the job exists, in every path (``quiesce``).
 
+    With a remote ``uri`` (or ``nbd_address``) the pull export is on TCP, TLS required unless
+    ``tls`` is False (``netexport``); ``scratch_dir`` then names a directory on the hypervisor.
+
     ``on_job_started`` is called once the point in time is fixed (job and checkpoint exist)
     and before copying starts: the place to thaw guest file systems frozen before the call.
     Guest writes during the backup go to scratch images; the run is aborted (never the guest)
@@ -121,7 +134,8 @@ def backup(
     """
     if mode not in MODES:
         raise UsageError(f"unknown backup mode {mode!r}; use pull or push")
-    req = Request(vm, mode, checkpoint, incremental, level, tuple(disks), tuple(exclude), scratch_dir, quiesce)
+    req = Request(vm, mode, checkpoint, incremental, level, tuple(disks), tuple(exclude), scratch_dir, quiesce,
+                  nbd_address, nbd_port, tls_dir, tls)
     repository = Repository(repo)
     if dry_run:
         repository.check_readable()
@@ -187,6 +201,11 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
                              "start the VM, or run libvbackup on the hypervisor")
     elif dom.has_backup_job():
         raise _running_job_error(dom, repository)
+    net = netexport.plan(dom.uri, dom.local, req.nbd_address, req.nbd_port, req.tls_dir, req.tls)
+    if net is not None and req.mode == "push":
+        raise UsageError("push mode needs libvirt on this host (QEMU writes the images where it runs); "
+                         "back up a remote VM with pull" if not dom.local else
+                         "--nbd-address is for pull mode (push writes images, it exports nothing)")
     seen = _seen(dom, repository, vm)
     domain_xml = dom.xml()
     chosen = domxml.select_disks(domxml.parse_disks(domain_xml), req.disks, req.exclude)
@@ -208,9 +227,15 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
         qplan = quiesce.plan(vm, req.quiesce, domxml.agent_state(domain_xml))
     else:  # nothing to freeze: the disks are at rest
         qplan = quiesce.QuiescePlan(req.quiesce, False, "the VM is shut off")
-    run_dir = scratch.run_dir(scratch.base(req.scratch_dir), vm, plan.checkpoint)
-    docs = documents(plan, run_dir, str(repository.root), req.mode)
-    return Planned(domain_xml, docs, manifest, choice, qplan, seen, offline=not running, mode=req.mode)
+    if dom.local:
+        scratch_base = scratch.base(req.scratch_dir)
+    else:  # a directory of the hypervisor: nothing here can check it (libvirt does at backupBegin)
+        scratch_base = scratch.remote_base(req.scratch_dir)
+    run_dir = scratch.run_dir(scratch_base, vm, plan.checkpoint)
+    tcp = xmlgen.TcpServer(net.address, net.ports[0], net.tls) if net else None
+    docs = documents(plan, run_dir, str(repository.root), req.mode, tcp=tcp, remote=not dom.local)
+    return Planned(domain_xml, docs, manifest, choice, qplan, seen, offline=not running, mode=req.mode,
+                   net=net, remote=not dom.local)
 
 
 def _identities(dom, disks) -> dict[str, str]:
@@ -247,7 +272,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
     vm = plan.vm
     partial = repository.partial_dir(vm, plan.checkpoint)
     record = RunRecord(vm=vm, checkpoint=plan.checkpoint, mode=planned.transport, started=journal.now(),
-                       pid=os.getpid(), run_dir=str(docs.run_dir), partial=str(partial),
+                       pid=os.getpid(), run_dir=None if planned.remote else str(docs.run_dir), partial=str(partial),
                        final=str(repository.point_dir(vm, plan.checkpoint)))
     t0 = time.monotonic()
     repository.ensure_vm_dir(vm)
@@ -255,7 +280,8 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
     try:
         record.state = RunState.DIRS
         journal.write(repository, record)
-        scratch.make_run_dir(docs.run_dir)
+        if not planned.remote:
+            scratch.make_run_dir(docs.run_dir)
         partial.mkdir(mode=0o700)
         record.state = RunState.JOB
         journal.write(repository, record)
@@ -265,7 +291,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
 
         freezer = quiesce.Freezer(dom, planned.quiesce, dom.uri, frozen)
         ctx = RunContext(repository, dom, docs, planned.manifest, partial, progress, scratch_limit, on_job_started,
-                         freezer)
+                         freezer, planned.net, planned.remote)
         results = TRANSPORTS[planned.transport](ctx)
         point = _point(repository, dom, planned, req, record, results, time.monotonic() - t0, freezer)
         repository.commit_point(planned.manifest, point)

@@ -1,7 +1,8 @@
 """Pull transport: libvirt exports each disk's point in time over NBD, the engine copies it.
 
 backupBegin (pull mode) creates the job and the checkpoint; each disk's export is read through
-``nbdio.export`` (for an incremental, with the dirty bitmap libvirt names in the job's XML) and
+``nbdio.export`` (``export_tcp`` for a remote libvirt: TCP, TLS; for an incremental, with the
+dirty bitmap libvirt names in the job's XML) and
 written by ``target.Qcow2Target`` into ``<chk>.partial/<disk>.qcow2`` with the block hasher
 watching; every disk is copied at once. The job is ended once every image is complete and
 flushed (a pull job lasts until it is aborted).
@@ -10,15 +11,46 @@ flushed (a pull job lasts until it is aborted).
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from . import nbdio, parallel, scratch, target as tgt, xmlgen
-from .errors import StateError
+from .documents import documents
+from .errors import LibvirtError, StateError
 from .transport import DiskResult, RunContext
+
+log = logging.getLogger(__name__)
+
+
+def _begin_on_a_free_port(ctx: RunContext) -> None:
+    """Over TCP the export takes the first port of the range that is free on the hypervisor
+    (only QEMU there can tell: a port in use fails backupBegin, which then created nothing)."""
+    net = ctx.net
+    for i, port in enumerate(net.ports):
+        ctx.docs = documents(ctx.plan, ctx.docs.run_dir, str(ctx.repository.root), "pull",
+                             tcp=xmlgen.TcpServer(net.address, port, net.tls), remote=ctx.remote)
+        try:
+            ctx.begin_job()
+            return
+        except LibvirtError as e:
+            if "in use" not in e.message or i == len(net.ports) - 1:
+                raise
+            log.info("NBD port %d is in use on the hypervisor; trying %d", port, net.ports[i + 1])
+
+
+def _source(ctx: RunContext, name: str, bitmap: str | None):
+    if ctx.net is None:
+        return nbdio.export(ctx.docs.socket, name, bitmap)
+    tcp = ctx.docs.tcp
+    return nbdio.export_tcp(tcp.address, tcp.port, name, bitmap, tls_dir=ctx.net.tls_dir)
 
 
 def run(ctx: RunContext) -> list[DiskResult]:
-    plan, docs, dom = ctx.plan, ctx.docs, ctx.dom
-    ctx.begin_job()
+    plan, dom = ctx.plan, ctx.dom
+    if ctx.net is None:
+        ctx.begin_job()
+    else:
+        _begin_on_a_free_port(ctx)
+    docs = ctx.docs
     bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
     jobs, sums = [], {}
     with contextlib.ExitStack() as opened:
@@ -26,12 +58,12 @@ def run(ctx: RunContext) -> list[DiskResult]:
             bitmap = None if d.full else bitmaps.get(d.name)
             if not d.full and bitmap is None:
                 raise StateError(f"libvirt exported disk {d.name} without a dirty bitmap")
-            src = opened.enter_context(nbdio.export(docs.socket, d.name, bitmap))
+            src = opened.enter_context(_source(ctx, d.name, bitmap))
             dst = opened.enter_context(contextlib.closing(
                 tgt.Qcow2Target(str(ctx.image(d.name)), src.size, backing=ctx.backing(d))))
             sums[d.name] = opened.enter_context(contextlib.closing(ctx.digests(d, src.size)))
             jobs.append(parallel.Job(d.name, src, dst, sums[d.name].hasher))
-        watch = scratch.watch(dom, docs.run_dir, ctx.scratch_limit)
+        watch = scratch.watch(dom, None if ctx.remote else docs.run_dir, ctx.scratch_limit)
         watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
         stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink, vm=plan.vm)
         results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,

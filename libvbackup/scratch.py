@@ -43,6 +43,14 @@ def base(scratch_dir: str | None) -> pathlib.Path:
     return path
 
 
+def remote_base(scratch_dir: str | None) -> pathlib.Path:
+    """A directory on a remote hypervisor: it must be absolute; only libvirt can check it."""
+    path = pathlib.PurePosixPath(scratch_dir or DEFAULT_BASE)
+    if not path.is_absolute():
+        raise UsageError(f"--scratch-dir {scratch_dir!r} must be an absolute path on the hypervisor")
+    return pathlib.Path(path)
+
+
 def run_dir(scratch_base: pathlib.Path, vm: str, checkpoint: str) -> pathlib.Path:
     return scratch_base / f"libvbackup-{vm}-{checkpoint}"
 
@@ -61,14 +69,18 @@ def give_to_qemu(path: pathlib.Path) -> None:
         os.chown(path, *ids)
 
 
-def watch(dom, directory: pathlib.Path, limit: int | None) -> Callable[[], None]:
-    """A check to call now and then while the job runs; raises StateError to abort it."""
+def watch(dom, directory: pathlib.Path | None, limit: int | None) -> Callable[[], None]:
+    """A check to call now and then while the job runs; raises StateError to abort it.
+    ``directory`` None: the scratch images are on another host (remote libvirt), whose file
+    system cannot be seen from here: only libvirt's job statistics (``limit``) guard them."""
     def check() -> None:
         used = dom.job_stats().get("disk_temp_used", 0)
         if limit is not None and used > limit:
             raise StateError(f"the backup was aborted: guest writes put {used} bytes in the scratch "
                              f"images, more than --scratch-limit {limit}; the VM was not affected",
                              "use a larger --scratch-limit or back up at a quieter time")
+        if directory is None:
+            return
         st = os.statvfs(directory)
         free = st.f_bavail * st.f_frsize
         if free < RESERVE:

@@ -31,6 +31,8 @@ class RunContext:
     scratch_limit: int | None = None
     on_job_started: Callable[[], None] | None = None
     freezer: object | None = None  # quiesce.Freezer: the guest frozen around backupBegin
+    net: object | None = None  # netexport.NetExport: the export is on TCP
+    remote: bool = False  # libvirt runs on another host (the scratch images are there)
 
     @property
     def plan(self) -> BackupPlan:

@@ -32,10 +32,20 @@ class BackupDisk:
 
 
 @dataclasses.dataclass(frozen=True)
+class TcpServer:
+    """Pull mode over the network: QEMU's NBD server on the hypervisor at ``address:port``."""
+
+    address: str
+    port: int
+    tls: bool = True  # libvirt's backup_tls_x509_cert_dir on the hypervisor; False: plain TCP
+
+
+@dataclasses.dataclass(frozen=True)
 class BackupSpec:
-    socket: str | None  # pull mode: absolute path of the NBD unix socket
+    socket: str | None  # pull mode: absolute path of the NBD unix socket (or ``tcp``)
     disks: Sequence[BackupDisk]
     incremental: str | None = None  # checkpoint the job is incremental from
+    tcp: TcpServer | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +110,16 @@ def backup_pull_xml(spec: BackupSpec) -> str:
         el.find("scratch").set("file", d.scratch)
 
     root = _backup_xml("pull", spec, fill)
-    root.find("server").set("socket", spec.socket)
+    server = root.find("server")
+    if spec.tcp is not None:
+        server.attrib.clear()
+        server.set("transport", "tcp")
+        server.set("name", spec.tcp.address)
+        server.set("port", str(spec.tcp.port))
+        if spec.tcp.tls:
+            server.set("tls", "yes")
+    else:
+        server.set("socket", spec.socket)
     return _serialise(root)
 
 

@@ -80,6 +80,23 @@ def backup_command(mode: str, doc: str):
                  "take a crash-consistent point; yes = refuse without an agent; no = never.",
         ),
         uri: Optional[str] = UriOpt,
+        nbd_address: Optional[str] = typer.Option(
+            None, "--nbd-address", metavar="ADDR",
+            help="Pull from a remote libvirt: the address the NBD export listens on, reachable from "
+                 "here [default: the host of --uri].",
+        ),
+        nbd_port: Optional[str] = typer.Option(
+            None, "--nbd-port", metavar="PORT|LOW-HIGH",
+            help="TCP port(s) for a remote export: the first free one is used [default: 10809-10909].",
+        ),
+        tls_dir: Optional[str] = typer.Option(
+            None, "--tls-dir", metavar="DIR",
+            help="Client certificate for a remote export over TLS: ca-cert.pem, client-cert.pem, "
+                 "client-key.pem [default: /etc/pki/qemu].",
+        ),
+        no_tls: bool = typer.Option(
+            False, "--no-tls", help="A remote export in plain TCP (guest data unencrypted: trusted networks only).",
+        ),
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
         ),
@@ -87,7 +104,8 @@ def backup_command(mode: str, doc: str):
         json_out: bool = JsonOpt,
     ) -> None:        run(mode=mode, vm=vm, repo=repo, incremental=incremental, level=level, checkpoint=checkpoint,
             disk=disk, exclude=exclude, scratch_dir=scratch_dir, scratch_limit=scratch_limit, uri=uri,
-            dry_run=dry_run, progress=progress, json_out=json_out, quiesce=quiesce)
+            dry_run=dry_run, progress=progress, json_out=json_out, quiesce=quiesce, nbd_address=nbd_address,
+            nbd_port=nbd_port, tls_dir=tls_dir, no_tls=no_tls)
 
     command.__doc__ = doc
     command.__name__ = mode
@@ -98,13 +116,15 @@ pull = backup_command("pull", __doc__)
 
 
 def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclude, scratch_dir,
-        scratch_limit, uri, dry_run, progress, json_out, quiesce="auto") -> None:
+        scratch_limit, uri, dry_run, progress, json_out, quiesce="auto", nbd_address=None, nbd_port=None,
+        tls_dir=None, no_tls=False) -> None:
     """Shared by pull and push: options to keyword arguments, the result to text or JSON."""
     op = api.pull if mode == "pull" else api.push
     result = op(vm, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
                 disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
                 progress=progress_mode(progress, json_out),
-                scratch_limit=parse_size(scratch_limit) if scratch_limit else None, quiesce=quiesce)
+                scratch_limit=parse_size(scratch_limit) if scratch_limit else None, quiesce=quiesce,
+                nbd_address=nbd_address, nbd_port=nbd_port, tls_dir=tls_dir, tls=not no_tls)
     if quiesce == "auto" and not dry_run and result.consistency == "crash":
         typer.echo(f"libvbackup: warning: the point is crash-consistent only: {result.consistency_note}", err=True)
     if json_out:
