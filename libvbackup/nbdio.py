@@ -4,7 +4,8 @@ A ``Source`` is one NBD export that the engine (``engine.copy``) reads: its size
 (allocation, merged with what decides which ranges to copy) and asynchronous reads, over one
 or more connections. Every reader of guest data goes through it:
 
-- pull backup: libvirt's export, ``base:allocation`` + ``qemu:dirty-bitmap:…`` (``export``);
+- pull backup: libvirt's export, ``base:allocation`` + ``qemu:dirty-bitmap:…``, on a unix socket
+  (``export``) or over TCP, TLS required when certificates are given (``export_tcp``);
 - restore and verify: a point's chain served read-only by qemu-nbd (``image``);
 - push checksums: the pushed image served by qemu-nbd with ``qemu:allocation-depth``, whose
   own layer plays the dirty bitmap (``image(own_layer=True)``).

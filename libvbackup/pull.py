@@ -33,7 +33,11 @@ def _begin_on_a_free_port(ctx: RunContext) -> None:
             return
         except LibvirtError as e:
             if "in use" not in e.message or i == len(net.ports) - 1:
-                raise
+                if "nbd-server-start" not in e.message:
+                    raise
+                raise LibvirtError(f"{e.message} (the export was to listen at {net.address}:{port} on the "
+                                   "hypervisor)", "give --nbd-address an address of the hypervisor that this "
+                                   "host reaches, and --nbd-port a range with free ports") from e
             log.info("NBD port %d is in use on the hypervisor; trying %d", port, net.ports[i + 1])
 
 

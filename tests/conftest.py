@@ -14,6 +14,8 @@ import tempfile
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# tests.lab.ensure_libvirtd gives libvirtd the test PKI for backup exports over TLS (qemu.conf).
+os.environ["LVB_TEST_TLS"] = "1"
 
 
 def _need_lab():
@@ -80,6 +82,36 @@ def guest(guest_boot_files):
         raise
     yield vm
     vm.destroy()
+
+
+@pytest.fixture(scope="session")
+def pki():
+    """The test PKI (tests.remote.Pki): CA, server/, client/, rogue-client/; built once and
+    cached under /var/lib/lvb-test-pki (ensure_libvirtd points qemu.conf at its server/)."""
+    if os.geteuid() != 0:
+        _lab_problem("the test PKI is built as root (/var/lib, a key for libvirt-qemu)")
+    try:
+        from tests.remote import pki as build
+
+        return build()
+    except Exception as e:  # noqa: BLE001 - reported below
+        _lab_problem(f"cannot build the test PKI: {e}")
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    """A private sshd on 127.0.0.1 for the session (tests.remote.Sshd): ``sshd.uri()`` is a
+    qemu+ssh:// URI of this machine's libvirtd; stopped at the end."""
+    if os.geteuid() != 0:
+        _lab_problem("the test sshd runs as root (it logs root in with its own key)")
+    try:
+        from tests.remote import Sshd
+
+        server = Sshd()
+    except Exception as e:  # noqa: BLE001 - reported below
+        _lab_problem(f"cannot start the test sshd: {e}")
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ import uuid
 import libvirt
 import libvirt_qemu
 
+from tests import remote
+
 libvirt.registerErrorHandler(lambda _c, _e: None, None)
 
 URI = "qemu:///system"
@@ -46,25 +48,97 @@ def fix_kvm_node() -> None:
         os.chmod("/dev/kvm", 0o660)
 
 
+LIBVIRTD_PID = pathlib.Path("/run/libvirtd.pid")
+_LOCK = "/run/lvb-test-libvirtd.lock"  # one configurer and starter of libvirtd at a time
+_configured = False  # this process saw libvirtd running with the TLS block of qemu.conf
+
+
 def ensure_libvirtd(uri: str = URI, timeout: float = 30.0) -> libvirt.virConnect:
-    """Connect to libvirtd, starting virtlogd and libvirtd (no systemd here) if needed."""
+    """Connect to libvirtd, starting virtlogd and libvirtd (no systemd here) if needed.
+
+    Before libvirtd starts, qemu.conf gets the test PKI for backup exports over TLS
+    (``tests.remote``: built once, then cached); a libvirtd already running when the block
+    had to be written is restarted once (its VMs keep running). Checked once per process.
+    """
+    global _configured
     fix_kvm_node()
-    try:
-        return libvirt.open(uri)
-    except libvirt.libvirtError:
-        pass
-    os.makedirs("/run/libvirt", exist_ok=True)
-    for daemon in ("virtlogd", "libvirtd"):
-        if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
-            subprocess.run([daemon, "-d"], check=True)
-    deadline = time.monotonic() + timeout
-    while True:
+    if _configured:
         try:
             return libvirt.open(uri)
         except libvirt.libvirtError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            pass
+    import fcntl
+
+    with open(_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # The PKI first: libvirtd refuses to start with a missing backup_tls_x509_cert_dir.
+        # Only for the tests (tests/conftest.py sets LVB_TEST_TLS): the demo and the benchmark
+        # leave qemu.conf alone.
+        changed = os.environ.get("LVB_TEST_TLS") == "1" and remote.configure_libvirt_tls(remote.pki())
+        if changed and _running("libvirtd"):
+            _stop_libvirtd(timeout)  # it reads qemu.conf only when it starts
+        elif not changed:
+            try:
+                conn = libvirt.open(uri)
+                _configured = True
+                return conn
+            except libvirt.libvirtError:
+                pass
+        os.makedirs("/run/libvirt", exist_ok=True)
+        for daemon in ("virtlogd", "libvirtd"):
+            if not _running(daemon):
+                subprocess.run([daemon, "-d"], check=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn = libvirt.open(uri)
+                _configured = True
+                return conn
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+def _running(daemon: str) -> bool:
+    """A live process of that name (pgrep also lists zombies: here PID 1 leaves a stopped
+    libvirtd unreaped for a while, and nothing would start the next one)."""
+    pids = subprocess.run(["pgrep", "-x", daemon], capture_output=True, text=True).stdout.split()
+    return any(_comm(int(pid)) == daemon for pid in pids)
+
+
+def _stop_libvirtd(timeout: float) -> None:
+    """SIGTERM the libvirtd of /run/libvirtd.pid and wait until it is gone (SIGKILL after
+    ``timeout``); QEMU processes survive it, and the next libvirtd takes them back."""
+    import signal
+
+    try:
+        pid = int(LIBVIRTD_PID.read_text())
+    except (OSError, ValueError):
+        found = subprocess.run(["pgrep", "-x", "-o", "libvirtd"], capture_output=True, text=True).stdout.split()
+        if not found:
+            return
+        pid = int(found[0])
+    if _comm(pid) != "libvirtd":
+        return  # a stale pid file
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _comm(pid) == "libvirtd":
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.05)
+
+
+def _comm(pid: int) -> str | None:
+    """The process's name, None once it has exited (a zombie counts as exited: init may be
+    slow to reap a daemon's corpse)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:][:1]
+    return None if state == "Z" else name
 
 
 class LabDisk:
