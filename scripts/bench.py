@@ -16,6 +16,10 @@ Chain (--modes chain): verify follows the stored data, not points x disk data. A
 with 256 MiB of random data, 1 full + 59 incrementals (1 MiB changed before each, taken
 in-process); then `libvbackup verify` of all 60 points against `libvbackup restore` of the
 60th point to raw, which reads the chain's data once.
+Remote (--modes remote): `libvbackup pull` (full) of the VM from a remote libvirt (qemu+ssh through a
+private sshd on 127.0.0.1 to this host's libvirtd, test PKI) with the NBD export over TCP and TLS, and
+over plain TCP (--no-tls), against the same pull over the local unix socket, alternating; MiB/s of data
+and the ratios to local.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from tests import lab  # noqa: E402
+from tests import lab, remote  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -360,6 +364,67 @@ def bench_chain(args, work: pathlib.Path, scratch: pathlib.Path, rng: random.Ran
             "setup_seconds": setup, "repo_bytes_on_disk": stored, "repo_bytes_copied": copied}
 
 
+REMOTE_RUNS = (("remote_local", "local libvirt, unix socket"),
+               ("remote_tls", "remote, NBD over TCP + TLS"),
+               ("remote_tcp", "remote, NBD over plain TCP"))
+
+
+def remote_variants(sshd, client: pathlib.Path) -> dict[str, list[str]]:
+    """The options that make each variant of the remote mode's full pull."""
+    uri = sshd.uri()
+    return {"remote_local": [], "remote_tls": ["--uri", uri, "--tls-dir", str(client)],
+            "remote_tcp": ["--uri", uri, "--no-tls"]}
+
+
+def export_server(vm, work: pathlib.Path, extra: list[str]) -> str:
+    """The <server/> element of the backup XML that the pull with ``extra`` would give libvirt
+    (--dry-run): the transport each variant measures really is the one it claims."""
+    import xml.etree.ElementTree as ET  # noqa: PLC0415
+
+    repo = work / "dry-run"
+    repo.mkdir(mode=0o700)
+    try:
+        p = subprocess.run([CLI, "pull", vm.name, "--repo", str(repo), "--level", "full", "--quiesce", "no",
+                            "--dry-run", "--json", *extra], capture_output=True, text=True)
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    if p.returncode != 0:
+        raise SystemExit(f"bench: remote: pull --dry-run {' '.join(extra)} failed ({p.returncode}): "
+                         f"{p.stderr[-500:]}")
+    server = ET.fromstring(json.loads(p.stdout)["backup_xml"]).find("server")
+    attrs = dict(server.attrib) if server is not None else {}
+    if attrs.get("transport") == "unix":
+        return "unix socket"
+    return f"{attrs.get('transport')} {attrs.get('name')}:{attrs.get('port')} tls={attrs.get('tls', 'no')}"
+
+
+def remote_full(vm, work: pathlib.Path, key: str, r: int, pull: list[str], extra: list[str],
+                copied: dict) -> tuple[float, int]:
+    """One timed full pull into a new repository; then (not timed) the bytes it copied, and the
+    repository and the VM's checkpoints go, so that every run starts from the same state."""
+    repo = work / f"{key}-{r}"
+    repo.mkdir(mode=0o700)
+    try:
+        result = timed([CLI, "pull", vm.name, "--repo", str(repo), "--level", "full", "--quiesce", "no",
+                        "--checkpoint", f"{key}-{r}", *pull, *extra])
+        copied.setdefault(key, []).append(repo_usage(repo, vm.name)[1])
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+        delete_checkpoints(vm)
+    return result
+
+
+def print_remote(args, rem: dict, med: dict, rss: dict, ratios: dict) -> None:
+    print(f"remote: full pull of the same VM ({args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 "
+          f"disk), local libvirt against {rem['uri']} (a private sshd to this host's libvirtd; client "
+          f"certificate {rem['tls_dir']}), alternating")
+    print(f"  {'variant':<30} {'export':<34} {'seconds':>9} {'MiB/s':>8}  {'vs local':>8}   peak RSS")
+    for k, label in REMOTE_RUNS:
+        ratio = "" if k == "remote_local" else f"{ratios[f'{k}_vs_local']:8.2f}"
+        print(f"  {label:<30} {rem['export'][k]:<34} {med[k]:7.3f} s {rem['mib_per_s'][k]:8.1f}  {ratio:>8}"
+              f"   {rss[k] / 1024:6.1f} MiB")
+
+
 GOALS = {  # README, section Performance
     "full_vs_best_hand": 1.10,
     "inc_cost_per_dirty_byte_vs_full_per_data_byte": 1.5,
@@ -368,7 +433,7 @@ GOALS = {  # README, section Performance
     **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
 BIG_RSS_GOAL_MIB = 256
-MODES = ("pull", "push", "big", "chain")
+MODES = ("pull", "push", "big", "chain", "remote")
 DEFAULT_MODES = ("pull", "push")
 
 
@@ -424,7 +489,8 @@ def main() -> int:
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help=f"comma-separated: {', '.join(MODES)} [default: {','.join(DEFAULT_MODES)}]; big: a thin "
                          "16 TiB disk against a 4 GiB one with the same data; chain: verify of a 60-point chain "
-                         "against restore of its newest point")
+                         "against restore of its newest point; remote: full pull from a remote libvirt (qemu+ssh, NBD "
+                         "over TLS and plain TCP) against the local unix socket")
     ap.add_argument("--big-tib", type=int, default=16, help="size of the big mode's thin disk [default: 16]")
     ap.add_argument("--chain-points", type=int, default=60, help="points of the chain mode [default: 60]")
     ap.add_argument("--json", action="store_true")
@@ -436,6 +502,10 @@ def main() -> int:
         ap.error("--big-tib must be at least 1 and --chain-points at least 2")
     rng = random.Random(42)
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    if "remote" in modes:
+        # Before the first ensure_libvirtd(): libvirtd gets the test PKI's backup_tls_x509_cert_dir
+        # (tests/lab.py; restarted once if qemu.conf had to change, its VMs keep running).
+        os.environ["LVB_TEST_TLS"] = "1"
 
     base = pathlib.Path(args.repo_dir).absolute()
     made_base = not base.exists()
@@ -446,13 +516,15 @@ def main() -> int:
     res: dict[str, list] = {}
     dirty_bytes = push_dirty_bytes = 0
     big = chain = None
+    sshd = rem = None
+    remote_copied: dict[str, list[int]] = {}
 
     def add(key, value):
         res.setdefault(key, []).append(value)
 
     # The VMs' own disks stay in /var/tmp whatever --repo-dir says: only the outputs move.
     vm = None
-    if modes & {"pull", "push"}:
+    if modes & {"pull", "push", "remote"}:
         vm = lab.LabVM([(args.disk_mib * MiB, "qcow2")], name="lvb-bench", track=False)
         lab.remove_domain(vm.conn, vm.name)
     try:
@@ -475,6 +547,18 @@ def main() -> int:
             log(f"bench: writing {args.data_mib} MiB of random data into a {args.disk_mib} MiB disk")
             populate(vm.disks[0].path, args.data_mib, args.disk_mib, rng)
             vm.start(images_ready=True)
+        if "remote" in modes:
+            sshd = remote.Sshd()
+            client = remote.pki().client
+            variants = remote_variants(sshd, client)
+            rem = {"uri": f"qemu+ssh://root@127.0.0.1:{sshd.port}/system", "tls_dir": str(client),
+                   "export": {k: export_server(vm, work, variants[k]) for k, _ in REMOTE_RUNS}}
+            want = {"remote_local": "unix", "remote_tls": "tls=yes", "remote_tcp": "tls=no"}
+            for k, w in want.items():
+                if w not in rem["export"][k]:
+                    raise SystemExit(f"bench: remote: {k} would export on {rem['export'][k]!r}, not {w!r}")
+            log(f"bench: remote: {rem['uri']}; exports: "
+                + ", ".join(f"{k} {v}" for k, v in rem["export"].items()))
         for r in range(args.rounds if vm is not None else 0):
             log(f"bench: round {r + 1}/{args.rounds}")
             if "pull" in modes:
@@ -519,6 +603,9 @@ def main() -> int:
                     ("push_inc_libvirt", lambda: hand_push(vm, work, incremental=made[0])),
                 ], add)
                 shutil.rmtree(repo)
+            if "remote" in modes:
+                alternate(r, [(k, lambda k=k: remote_full(vm, work, k, r, opts["pull"], variants[k], remote_copied))
+                              for k, _ in REMOTE_RUNS], add)
             delete_checkpoints(vm)
         if vm is not None:  # its VM is not needed by the other modes: it goes now
             destroy_vm(vm)
@@ -528,8 +615,12 @@ def main() -> int:
         if "chain" in modes:
             chain = bench_chain(args, work, scratch, rng, add, log)
     finally:
-        if vm is not None:
-            destroy_vm(vm)
+        try:
+            if sshd is not None:
+                sshd.stop()
+        finally:
+            if vm is not None:
+                destroy_vm(vm)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         if made_base:
@@ -555,6 +646,14 @@ def main() -> int:
             "push_full_vs_libvirt_job": med["push_full_libvbackup"] / med["push_full_libvirt"],
             "push_inc_vs_libvirt_job": med["push_inc_libvbackup"] / med["push_inc_libvirt"],
         })
+    if rem is not None:
+        for k, _ in REMOTE_RUNS:
+            if min(remote_copied[k]) < data:
+                raise SystemExit(f"bench: remote: {k} copied {min(remote_copied[k])} bytes, less than the "
+                                 f"{data} bytes of data")
+        ratios.update({f"{k}_vs_local": med[k] / med["remote_local"] for k in ("remote_tls", "remote_tcp")})
+        rem["mib_per_s"] = {k: args.data_mib / med[k] for k, _ in REMOTE_RUNS}
+        rem["bytes_copied"] = {k: max(v) for k, v in remote_copied.items()}
     if big is not None:
         ratios.update({f"big_{c}_vs_small": med[f"big_{c}_big"] / med[f"big_{c}_small"] for c, _ in BIG_COMMANDS})
     if chain is not None:
@@ -573,6 +672,8 @@ def main() -> int:
                          "repo_goal": "bytes on disk <= bytes copied + 1 MiB per point"}
     if chain is not None:
         report["chain"] = {**chain, "goal": "chain_verify_vs_restore about 1"}
+    if rem is not None:
+        report["remote"] = rem
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -585,12 +686,14 @@ def main() -> int:
     if modes & {"pull", "push"}:
         print(f"{args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 disk")
         for k in med:
-            if not k.startswith(("big_", "chain_")):
+            if not k.startswith(("big_", "chain_", "remote_")):
                 print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB")
         for k, v in ratios.items():
-            if not k.startswith(("big_", "chain_")):
+            if not k.startswith(("big_", "chain_", "remote_")):
                 goal = f"   goal <= {GOALS[k]:.2f}" if k in GOALS else ""
                 print(f"  {k:<48} {v:6.2f}{goal}")
+    if rem is not None:
+        print_remote(args, rem, med, rss, ratios)
     if big is not None:
         print_big(args, big, med, rss, ratios)
     if chain is not None:
