@@ -127,12 +127,13 @@ def test_unwritable_repository(env):
         check_refused(env, ["pull", "{vm}", "--repo", str(ro)], 5, "not writable")
 
 
-def test_vm_not_running(lab, workdir):
+def test_push_of_a_vm_not_running(lab, workdir):
+    """(A pull backs a shut-off VM up from its images: tests/integration/test_offline.py.)"""
     vm = lab.LabVM([(4 * MiB, "qcow2")]).start()
     try:
         vm.dom.destroy()
-        res = cli("pull", vm.name, "--repo", str(workdir))
-        assert res.returncode == 4 and "not running" in res.stderr, res.stderr
+        res = cli("push", vm.name, "--repo", str(workdir))
+        assert res.returncode == 4 and "is shut off; a push backup needs QEMU running" in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
         assert list(workdir.iterdir()) == [] and vm.checkpoints() == []
     finally:

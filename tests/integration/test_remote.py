@@ -109,3 +109,10 @@ def test_remote_faults_are_one_line_and_leave_nothing(vm, repo, pki, sshd):
     res = cli("pull", vm.name, "--repo", r, "--uri", uri, "--level", "inc", "--no-tls", "--quiesce", "no")
     assert res.returncode == 0, res.stderr
     assert "not encrypted (--no-tls)" in res.stderr
+    # A shut-off VM behind a remote URI: its images are on the hypervisor, refused in one line.
+    vm.flush()
+    vm.dom.destroy()
+    vm.wait_stopped()
+    res = cli("pull", vm.name, "--repo", r, "--uri", uri, "--tls-dir", str(pki.client), "--level", "inc")
+    assert res.returncode == 4 and "libvirt is remote" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not vm.dom.isActive()

@@ -142,7 +142,7 @@ keep_monthly = 6
 def test_a_failing_vm_never_stops_the_others(three, repo, workdir):
     tag, vms = three
     a, b, c = vms
-    c.dom.destroy()  # shut off, still defined: its backup is refused (exit 4)
+    c.dom.destroy()  # shut off, still defined: its push backup is refused (exit 4)
     c.wait_stopped()
     ro = workdir / "ro"
     with tmpfs(ro, "16M", "ro"):  # b's repository: a read-only file system (exit 5)
@@ -154,12 +154,17 @@ jobs = 3
 quiesce = "no"            # no guest agent in these VMs: no warning about it either
 
 [[policy]]
-match = ["lvbtest-{tag}-a", "lvbtest-{tag}-c"]
+match = "lvbtest-{tag}-a"
 keep_last = 1
 
 [[policy]]
 match = "lvbtest-{tag}-b"
 repo = "{ro}"
+
+[[policy]]
+match = "lvbtest-{tag}-c"
+mode = "push"             # (pull would back the shut-off VM up from its images)
+keep_last = 1
 """)
         rng = random.Random(8)
         for d in a.disks:
@@ -173,7 +178,7 @@ repo = "{ro}"
         assert (by_vm[b.name]["ok"], by_vm[b.name]["exit_code"]) == (False, 5)
         assert by_vm[b.name]["error"].startswith(f"repository {ro} is not writable")
         assert (by_vm[c.name]["ok"], by_vm[c.name]["exit_code"]) == (False, 4)
-        assert by_vm[c.name]["error"].startswith(f"VM {c.name!r} is not running")
+        assert by_vm[c.name]["error"].startswith(f"VM {c.name!r} is shut off; a push backup needs QEMU running")
         assert by_vm[c.name]["checkpoint"] is None and by_vm[c.name]["pruned"] == []
         (point,) = Repository(repo).load(a.name).points
         assert point.checkpoint == by_vm[a.name]["checkpoint"]
@@ -185,9 +190,9 @@ repo = "{ro}"
         res = cli("run", c.name, "--config", str(conf))
         assert res.returncode == 4
         assert res.stderr.strip().splitlines() == [
-            f"libvbackup: error: {c.name}: VM {c.name!r} is not running; a backup needs a running VM "
-            f"(start it with: virsh start {c.name})"]
-        assert res.stdout.startswith(f"FAILED {c.name} ([[policy]] 1 ")
+            f"libvbackup: error: {c.name}: VM {c.name!r} is shut off; a push backup needs QEMU running "
+            f"(use pull: it backs up a shut-off VM from its images (libvbackup pull {c.name}))"]
+        assert res.stdout.startswith(f"FAILED {c.name} ([[policy]] 3 ")
 
     # The whole run refused, before anything: a VM no policy names, a file that is wrong.
     res = cli("run", "lvbtest-nosuchvm", "--config", str(conf))
