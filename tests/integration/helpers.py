@@ -9,11 +9,35 @@ import random
 import shutil
 import subprocess
 import sys
+import textwrap
 
 from libvbackup.restore import restore
 
 MiB = 1 << 20
 KiB = 1 << 10
+
+
+def stalling_child(body: str, stream: str = "sys.stdout") -> str:
+    """A Python program whose copies stall for 120 s after their first completed request (each
+    writes a line COPYING on ``stream`` first: print() of two threads can interleave as
+    "COPYINGCOPYING"), then runs ``body``: a run to kill or stop mid-copy,
+    with its job, checkpoint, partial images and NBD connections alive."""
+    return textwrap.dedent(f"""
+        import sys, time
+        from libvbackup import engine
+        real_copy = engine.copy
+        def stalling_copy(src, dst, **kw):
+            inner = kw.get("progress")
+            def progress(n):
+                if inner:
+                    inner(n)
+                {stream}.write("COPYING\\n")  # one write: two copies' lines never interleave
+                {stream}.flush()
+                time.sleep(120)
+            kw["progress"] = progress
+            return real_copy(src, dst, **kw)
+        engine.copy = stalling_copy
+    """) + textwrap.dedent(body)
 
 
 def random_writes(disk, rng: random.Random, n: int = 12) -> None:

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -14,26 +13,14 @@ import pytest
 from libvbackup.backup import pull
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli, leftovers, tmpfs
+from .helpers import MiB, assert_restores, cli, leftovers, stalling_child, tmpfs
 
 pytestmark = pytest.mark.integration
 
 # A child that runs a real pull whose copy stalls after its first completed request, so it can
 # be killed with the job, the checkpoint, the partial images and qemu-nbd all alive.
-CHILD = textwrap.dedent("""
-    import sys, time
-    from libvbackup import backup, engine
-    real_copy = engine.copy
-    def stalling_copy(src, dst, **kw):
-        inner = kw.get("progress")
-        def progress(n):
-            if inner:
-                inner(n)
-            print("COPYING", flush=True)
-            time.sleep(120)
-        kw["progress"] = progress
-        return real_copy(src, dst, **kw)
-    engine.copy = stalling_copy
+CHILD = stalling_child("""
+    from libvbackup import backup
     vm, repo, chk, inc = sys.argv[1:5]
     backup.pull(vm, repo=repo, checkpoint=chk, incremental=inc or None)
 """)

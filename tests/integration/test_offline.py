@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 
 import libvirt
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from libvbackup import api, qemuimg
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli, leftovers, random_writes, snap, tree
+from .helpers import MiB, assert_restores, cli, leftovers, random_writes, snap, stalling_child, tree
 
 pytestmark = pytest.mark.integration
 
@@ -84,20 +83,8 @@ def test_online_and_offline_points_are_one_chain(vm, repo, workdir):
 
 
 # An offline run whose copy stalls after its first request, with qemu-nbd holding the images.
-CHILD = textwrap.dedent("""
-    import sys, time
-    from libvbackup import api, engine
-    real_copy = engine.copy
-    def stalling_copy(src, dst, **kw):
-        inner = kw.get("progress")
-        def progress(n):
-            if inner:
-                inner(n)
-            print("COPYING", flush=True)
-            time.sleep(120)
-        kw["progress"] = progress
-        return real_copy(src, dst, **kw)
-    engine.copy = stalling_copy
+CHILD = stalling_child("""
+    from libvbackup import api
     api.pull(sys.argv[1], repo=sys.argv[2], checkpoint="stalled", level="inc")
 """)
 

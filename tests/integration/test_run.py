@@ -14,7 +14,7 @@ import pytest
 
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli, leftovers, random_writes, snap, tmpfs, tree
+from .helpers import MiB, assert_restores, cli, leftovers, random_writes, snap, stalling_child, tmpfs, tree
 
 pytestmark = pytest.mark.integration
 
@@ -212,24 +212,11 @@ keep_last = 1
 
 # `libvbackup run` whose copies stall after their first completed request (see test_faults.py),
 # so that it can be stopped with two backups in the middle of their copy.
-STALLING_RUN = """
-import sys, time
-from libvbackup import engine
-real_copy = engine.copy
-def stalling_copy(src, dst, **kw):
-    inner = kw.get("progress")
-    def progress(n):
-        if inner:
-            inner(n)
-        print("COPYING", file=sys.stderr, flush=True)
-        time.sleep(120)
-    kw["progress"] = progress
-    return real_copy(src, dst, **kw)
-engine.copy = stalling_copy
-from libvbackup.cli.main import main
-sys.argv = ["libvbackup", "run", "--config", sys.argv[1], "--json"]
-main()
-"""
+STALLING_RUN = stalling_child("""
+    from libvbackup.cli.main import main
+    sys.argv = ["libvbackup", "run", "--config", sys.argv[1], "--json"]
+    main()
+""", stream="sys.stderr")
 
 
 def test_sigterm_stops_the_running_backups_which_clean_up_and_starts_no_other(three, repo, workdir):
