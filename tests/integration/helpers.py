@@ -40,6 +40,16 @@ def stalling_child(body: str, stream: str = "sys.stdout") -> str:
     """) + textwrap.dedent(body)
 
 
+def wait_copying(p: subprocess.Popen, stream: str = "stdout") -> None:
+    """Until a ``stalling_child`` says COPYING; if it says anything else it is killed first (a
+    stalled child never ends by itself, so reading its stderr would wait forever)."""
+    line = getattr(p, stream).readline()
+    if line.strip() != "COPYING":
+        p.kill()
+        _out, err = p.communicate(timeout=30)
+        raise AssertionError(f"the stalled run said {line!r}, not COPYING: {err}")
+
+
 def random_writes(disk, rng: random.Random, n: int = 12) -> None:
     """Data at unaligned offsets, fills, zero writes with and without unmap, a tail write."""
     size = disk.size

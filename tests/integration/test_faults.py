@@ -13,7 +13,7 @@ import pytest
 from libvbackup.backup import pull
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli, leftovers, stalling_child, tmpfs
+from .helpers import MiB, assert_restores, cli, leftovers, stalling_child, tmpfs, wait_copying
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +34,7 @@ def vm(make_vm):
 def start_stalled(vm, repo, chk, inc=""):
     p = subprocess.Popen([sys.executable, "-c", CHILD, vm.name, str(repo), chk, inc],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = p.stdout.readline()
-    assert line.strip() == "COPYING", p.stderr.read()
+    wait_copying(p)
     assert vm.has_job() and chk in vm.checkpoints()
     assert (repo / vm.name / f"{chk}.partial").is_dir()
     return p
@@ -96,7 +95,7 @@ def test_sigterm_and_sigint_abort_and_clean_up(vm, repo, workdir, sig, code):
         "from libvbackup.cli.main import main; sys.argv = ['libvbackup', 'pull', vm, '--repo', repo,"
         " '--checkpoint', chk, '--progress', 'none']; main()"), vm.name, str(repo), "s2", ""],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "COPYING"
+    wait_copying(p)
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
     assert p.returncode == code, err

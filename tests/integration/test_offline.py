@@ -17,7 +17,8 @@ import pytest
 from libvbackup import api, qemuimg
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli, leftovers, random_writes, snap, stalling_child, tree
+from .helpers import (MiB, assert_restores, cli, leftovers, random_writes, snap, stalling_child, tree,
+                      wait_copying)
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +100,7 @@ def test_a_start_during_an_offline_backup_is_refused_and_the_run_cleans_up(vm, r
     p = subprocess.Popen([sys.executable, "-c", CHILD, vm.name, str(repo)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        assert p.stdout.readline().strip() == "COPYING", p.stderr.read()
+        wait_copying(p)
         assert "stalled" in vm.checkpoints()
         with pytest.raises(libvirt.libvirtError, match="lock"):
             vm.dom.create()  # QEMU cannot take the image's write lock while it is read

@@ -14,7 +14,8 @@ import pytest
 
 from libvbackup.repo import Repository
 
-from .helpers import MiB, assert_restores, cli, leftovers, random_writes, snap, stalling_child, tmpfs, tree
+from .helpers import (MiB, assert_restores, cli, leftovers, random_writes, snap, stalling_child, tmpfs, tree,
+                      wait_copying)
 
 pytestmark = pytest.mark.integration
 
@@ -235,7 +236,7 @@ def test_sigterm_stops_the_running_backups_which_clean_up_and_starts_no_other(th
                          stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(3):  # a's two disks and b's one, each stalled in its copy
-            assert p.stderr.readline().strip() == "COPYING"
+            wait_copying(p, "stderr")
         assert vms[0].has_job() and vms[1].has_job() and not vms[2].has_job()
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=120)
