@@ -48,14 +48,14 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from . import backup as _backup, lifecycle as _lifecycle, prune as _prune, restore as _restore
-from . import verify as _verify, vmrestore as _vmrestore
+from . import config as _config, runner as _runner, verify as _verify, vmrestore as _vmrestore
 from .errors import UsageError
 from .results import (AbortResult, BackupResult, CheckpointsResult, DefinedResult, InPlaceResult, ListResult,
-                      ProgressEvent, PruneResult, RestoreResult, StatusResult, VerifyResult)
+                      ProgressEvent, PruneResult, RestoreResult, RunReport, StatusResult, VerifyResult, VmRun)
 from .progress import MODES
 from .retention import Policy
 
-__all__ = ["pull", "push", "list_points", "restore", "verify", "prune", "checkpoints", "status", "abort",
+__all__ = ["pull", "push", "list_points", "restore", "verify", "prune", "run", "checkpoints", "status", "abort",
            "ProgressEvent"]
 
 OnProgress = Callable[[ProgressEvent], None]
@@ -165,6 +165,19 @@ def prune(vm: str, *, repo: str, keep_last: int = 0, keep_daily: int = 0, keep_w
     others and their libvirt checkpoints are removed. The newest point is always kept."""
     policy = Policy(last=keep_last, daily=keep_daily, weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly)
     return _prune.prune(vm, repo=repo, keep=policy, uri=uri, dry_run=dry_run)
+
+
+def run(*, config: str | None = None, vms: Sequence[str] = (), jobs: int | None = None, dry_run: bool = False,
+        on_vm: Callable[[VmRun], None] | None = None) -> RunReport:
+    """Back up every VM a policy of the configuration file names (``config``, else
+    ``$LIBVBACKUP_CONFIG``, else ``/etc/libvbackup.toml``), or only ``vms``, ``jobs`` at a time,
+    each pruned by its policy's rules afterwards. One VM's failure never stops the others: its
+    ``VmRun`` in the report has the error and exit code (``report.exit_code``: 0, the single VM's
+    code, or 10). ``on_vm`` receives each VM's result when it is done, from a worker thread.
+    Raises only for a configuration that cannot run (UsageError, NotFound) or libvirt that cannot
+    list its domains."""
+    return _runner.run_policies(_config.load(config), vms=list(vms) or None, jobs=jobs, dry_run=dry_run,
+                                on_event=on_vm)
 
 
 def checkpoints(vm: str, *, repo: str, uri: str | None = None) -> CheckpointsResult:

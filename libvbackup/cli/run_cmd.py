@@ -43,9 +43,8 @@ from typing import List, Optional
 
 import typer
 
-from ..config import load
+from .. import api
 from ..results import RunReport, VmRun
-from ..runner import run_policies
 from .common import JsonOpt, emit_json, human
 
 
@@ -61,9 +60,7 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan every backup, show it; change nothing."),
     json_out: bool = JsonOpt,
 ) -> None:
-    cfg = load(config)
-    report = run_policies(cfg, vms=vms or None, jobs=jobs, dry_run=dry_run,
-                          on_event=None if json_out else _line)
+    report = api.run(config=config, vms=vms or (), jobs=jobs, dry_run=dry_run, on_vm=None if json_out else _line)
     if json_out:
         emit_json(report.to_dict())
     else:
