@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 from . import engine
+from .errors import CopyError
 from .progress import Progress
 
 WATCH_INTERVAL = 0.5
@@ -24,11 +25,14 @@ class Job:
 
 
 def copy_all(jobs: list[Job], progress_mode: str = "none", watch: Callable[[], None] = lambda: None,
-             sink: Callable[[dict], None] | None = None, vm: str = "") -> dict[str, engine.CopyStats]:
+             sink: Callable[[dict], None] | None = None, vm: str = "",
+             stall: float | None = None) -> dict[str, engine.CopyStats]:
     """Copy every job at once; ``watch`` is called every WATCH_INTERVAL and may raise to stop.
 
     Daemon threads with a bounded join: an interrupted run must clean up and exit even when
-    a copy thread is stuck (a hung NBD server), instead of waiting for it forever.
+    a copy thread is stuck (a hung NBD server), instead of waiting for it forever. ``stall``:
+    seconds without a single completed byte after which the copy fails (CopyError): a link or a
+    server that stopped answering (libnbd has no timeout of its own for a request in flight).
     """
     stop = threading.Event()
     prog = Progress(progress_mode, sink=sink, vm=vm)
@@ -51,13 +55,20 @@ def copy_all(jobs: list[Job], progress_mode: str = "none", watch: Callable[[], N
         for t in threads:
             t.start()
         try:
-            last = time.monotonic()
+            last = moved = time.monotonic()
+            seen = -1
             for t in threads:
                 while t.is_alive():
                     t.join(0.1)
                     if time.monotonic() - last >= WATCH_INTERVAL:
                         last = time.monotonic()
                         watch()
+                        done = prog.snapshot()["done"]
+                        if done != seen:
+                            seen, moved = done, last
+                        elif stall is not None and last - moved > stall:
+                            raise CopyError(f"no data came from the export for {stall:.0f} s: the network "
+                                            "or the server stopped answering; the backup was abandoned")
         except BaseException:
             stop.set()
             deadline = time.monotonic() + STUCK_WAIT

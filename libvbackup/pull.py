@@ -20,6 +20,9 @@ from .transport import DiskResult, RunContext
 
 log = logging.getLogger(__name__)
 
+STALL = 600.0  # seconds without a byte copied from a remote export before the run gives up on it
+# (long: an incremental of a huge thin disk asks block status for minutes before its first byte)
+
 
 def _begin_on_a_free_port(ctx: RunContext) -> None:
     """Over TCP the export takes the first port of the range that is free on the hypervisor
@@ -69,7 +72,8 @@ def run(ctx: RunContext) -> list[DiskResult]:
             jobs.append(parallel.Job(d.name, src, dst, sums[d.name].hasher))
         watch = scratch.watch(dom, None if ctx.remote else docs.run_dir, ctx.scratch_limit)
         watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
-        stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink, vm=plan.vm)
+        stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink, vm=plan.vm,
+                                  stall=STALL if ctx.net is not None else None)
         results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
                               sums[j.name].complete(), sums[j.name].layout.block,
                               sums[j.name].layout.algorithm_name) for j in jobs]

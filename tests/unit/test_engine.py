@@ -159,3 +159,41 @@ def test_a_failing_target_stops_the_copy_with_one_error(tmp_path):
     finally:
         dst.close()
         src.close()
+
+
+def test_copy_all_gives_up_on_a_stalled_export(monkeypatch):
+    """A copy whose export stops answering (no byte for ``stall`` seconds) fails with CopyError
+    and its threads are told to stop, instead of waiting forever (libnbd has no timeout of its
+    own for a request in flight)."""
+    import threading
+
+    from libvbackup import parallel
+    from libvbackup.errors import CopyError
+
+    told = threading.Event()
+
+    def stuck_copy(src, dst, *, observer=None, progress=None, should_stop=lambda: False, **kw):
+        progress(4096)  # one request completes, then the server says nothing more
+        while not should_stop():
+            threading.Event().wait(0.01)
+        told.set()
+        raise CopyError("stopped")
+
+    monkeypatch.setattr(parallel.engine, "copy", stuck_copy)
+    monkeypatch.setattr(parallel.engine, "planned_bytes", lambda s, t: 1 << 20)
+    monkeypatch.setattr(parallel, "WATCH_INTERVAL", 0.05)
+    with pytest.raises(CopyError, match="no data came from the export for 0 s"):
+        parallel.copy_all([parallel.Job("vda", object(), object())], stall=0.3)
+    assert told.wait(5)
+    # Without ``stall`` the same copy is left to its watch (here: one that gives up itself).
+    calls = []
+
+    def watch():
+        calls.append(1)
+        if len(calls) > 10:
+            raise CopyError("watch gave up")
+
+    told.clear()
+    with pytest.raises(CopyError, match="watch gave up"):
+        parallel.copy_all([parallel.Job("vda", object(), object())], watch=watch)
+    assert told.wait(5)
