@@ -39,6 +39,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``pull``, ``push``, ``offline``   the transports (``offline``: a shut-off domain's images)
 - ``backup``, ``restore``, ``verify``, ``prune``, ``lifecycle``   operations
 - ``vmrestore``   a VM back from a point: defined anew, or its disks put back in place
+- ``mapping``     one disk of a point served read-only over NBD (``map``)
 - ``runner``      ``libvbackup run``: every VM a policy names, a few at once, one report
 - ``api``         the Python API: every operation, keyword arguments, typed results
 - ``cli``         typer commands, thin

@@ -48,15 +48,17 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from . import backup as _backup, lifecycle as _lifecycle, prune as _prune, restore as _restore
-from . import config as _config, runner as _runner, verify as _verify, vmrestore as _vmrestore
+from . import config as _config, mapping as _mapping, runner as _runner, verify as _verify
+from . import vmrestore as _vmrestore
+from .mapping import Mapping
 from .errors import UsageError
 from .results import (AbortResult, BackupResult, CheckpointsResult, DefinedResult, InPlaceResult, ListResult,
                       ProgressEvent, PruneResult, RestoreResult, RunReport, StatusResult, VerifyResult, VmRun)
 from .progress import MODES
 from .retention import Policy
 
-__all__ = ["pull", "push", "list_points", "restore", "verify", "prune", "run", "checkpoints", "status", "abort",
-           "ProgressEvent"]
+__all__ = ["pull", "push", "list_points", "restore", "verify", "prune", "run", "map_point", "checkpoints",
+           "status", "abort", "ProgressEvent", "Mapping"]
 
 OnProgress = Callable[[ProgressEvent], None]
 
@@ -178,6 +180,16 @@ def run(*, config: str | None = None, vms: Sequence[str] = (), jobs: int | None 
     list its domains."""
     return _runner.run_policies(_config.load(config), vms=list(vms) or None, jobs=jobs, dry_run=dry_run,
                                 on_event=on_vm)
+
+
+def map_point(vm: str, *, repo: str, checkpoint: str | None = None, disk: str | None = None,
+              port: int | None = None, address: str | None = None, tls_dir: str | None = None) -> Mapping:
+    """Serve one disk of a point (default: the newest; ``disk`` needed when it has several)
+    read-only over NBD, with its backing chain: a private unix socket, or TCP ``port`` on
+    ``address`` (127.0.0.1; any other address needs ``tls_dir`` with a server certificate).
+    Returns a ``Mapping`` (``.uri``, ``.result``): use it in a ``with`` or ``close()`` it."""
+    return _mapping.map_point(vm, repo=repo, checkpoint=checkpoint, disk=disk, port=port, address=address,
+                              tls_dir=tls_dir)
 
 
 def checkpoints(vm: str, *, repo: str, uri: str | None = None) -> CheckpointsResult:

@@ -178,6 +178,18 @@ class InPlaceResult(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class MapResult(Result):
+    """``map``: where one disk of a point is served, read-only, while the command runs."""
+
+    vm: str
+    checkpoint: str
+    disk: str
+    image: str  # the point's image (its backing chain is served with it)
+    uri: str  # nbd+unix:///vda?socket=… , nbd://127.0.0.1:PORT/vda or nbds://… (TLS)
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class VerifiedDisk(Result):
     ok: bool
     problems: tuple[str, ...]

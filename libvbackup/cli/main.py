@@ -15,7 +15,7 @@ import typer
 from .. import __version__
 from ..errors import EXIT_CODES, Error
 from ..results import FORMAT_VERSION
-from . import completion_cmd, lifecycle_cmds, list_cmd, prune, pull, push, restore, run_cmd, verify
+from . import completion_cmd, lifecycle_cmds, list_cmd, map_cmd, prune, pull, push, restore, run_cmd, verify
 
 EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES) + (
     "\n\nWith --json, an error is also one JSON object on stdout: "
@@ -108,6 +108,7 @@ for _fn in (lifecycle_cmds.checkpoints, lifecycle_cmds.status, lifecycle_cmds.ab
 
 
 app.command("completion", help=completion_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(completion_cmd.completion))
+app.command("map", help=map_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(map_cmd.map_))
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[type, ...]] = {
     "checkpoints": (r.CheckpointsResult,),
     "status": (r.StatusResult,),
     "abort": (r.AbortResult,),
+    "map": (r.MapResult,),
 }
 if hasattr(r, "RunReport"):
     COMMANDS["run"] = (r.RunReport,)

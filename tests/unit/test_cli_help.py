@@ -11,7 +11,7 @@ import pytest
 
 from libvbackup.errors import EXIT_CODES
 
-COMMANDS = ["pull", "push", "list", "restore", "verify", "prune", "checkpoints", "status", "abort", "completion", "run"]
+COMMANDS = ["pull", "push", "list", "restore", "verify", "prune", "checkpoints", "status", "abort", "completion", "run", "map"]
 
 
 def _help(*args: str) -> str:
