@@ -87,7 +87,7 @@ def populate(image: pathlib.Path, data_mib: int, disk_mib: int, rng: random.Rand
 
 def dirty(vm, disk_mib: int, rng: random.Random, fraction: float = 0.01, extents: int = 64) -> int:
     """Random data over ``fraction`` of the disk, in ``extents`` scattered pieces."""
-    each = int(disk_mib * MiB * fraction / extents) // 65536 * 65536
+    each = max(65536, int(disk_mib * MiB * fraction / extents) // 65536 * 65536)  # (small disks: one cluster)
     slots = rng.sample(range(disk_mib * MiB // each), extents)
     for s in slots:
         vm.disks[0].write(s * each, rng.randbytes(each))
