@@ -25,7 +25,8 @@ app = typer.Typer(
     epilog=EPILOG,
     name="libvbackup",
     help=(
-        "Back up running libvirt/QEMU VMs into a repository of ordinary qcow2 chains.\n\n"
+        "Back up libvirt/QEMU VMs (running or shut off, on this host or a remote one) into a repository "
+        "of ordinary qcow2 chains.\n\n"
         "A pull backup asks libvirt for a point-in-time NBD export of each disk and a new "
         "checkpoint; later backups copy only what changed since an earlier checkpoint. "
         "Every point can be restored with ordinary QEMU tools.\n\n"
