@@ -57,7 +57,7 @@ from .results import (AbortResult, BackupResult, CheckpointsResult, DefinedResul
 from .progress import MODES
 from .retention import Policy
 
-__all__ = ["pull", "push", "list_points", "restore", "verify", "prune", "run", "map_point", "checkpoints",
+__all__ = ["pull", "push", "backup_many", "list_points", "restore", "verify", "prune", "run", "map_point", "checkpoints",
            "status", "abort", "ProgressEvent", "Mapping"]
 
 OnProgress = Callable[[ProgressEvent], None]
@@ -190,6 +190,21 @@ def map_point(vm: str, *, repo: str, checkpoint: str | None = None, disk: str | 
     Returns a ``Mapping`` (``.uri``, ``.result``): use it in a ``with`` or ``close()`` it."""
     return _mapping.map_point(vm, repo=repo, checkpoint=checkpoint, disk=disk, port=port, address=address,
                               tls_dir=tls_dir)
+
+
+def backup_many(vms: Sequence[str] = (), *, all_vms: bool = False, repo: str, mode: str = "pull",
+                uri: str | None = None, level: str | None = None, quiesce: str = "auto",
+                scratch_dir: str | None = None, jobs: int = 2, dry_run: bool = False,
+                on_vm: Callable[[VmRun], None] | None = None) -> RunReport:
+    """Back up several VMs at once (``vms``, or ``all_vms``: every domain of the libvirt at
+    ``uri``), ``jobs`` at a time, each as ``pull``/``push`` would with these arguments; no
+    pruning. One VM's failure never stops the others (see ``run`` for the report)."""
+    if bool(vms) == all_vms:
+        raise UsageError("name the VMs to back up, or ask for all of them (--all), not both")
+    settings = dict(repo=repo, scratch_dir=scratch_dir, uri=uri, mode=mode, level=level or "full", quiesce=quiesce)
+    policy = _config.Policy(index=0, match=tuple(vms) or ("*",), settings=_config.Settings(**settings), keep=None)
+    config = _config.Config(None, _config.Defaults(**settings, jobs=jobs), (policy,))
+    return _runner.run_policies(config, vms=list(vms) or None, jobs=jobs, dry_run=dry_run, on_event=on_vm)
 
 
 def checkpoints(vm: str, *, repo: str, uri: str | None = None) -> CheckpointsResult:

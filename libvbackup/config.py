@@ -79,7 +79,7 @@ class Defaults(Settings):
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    index: int  # 1 for the first [[policy]] of the file
+    index: int  # 1 for the first [[policy]] of the file; 0: made from the command line (pull VM VM…)
     match: tuple[str, ...]  # patterns; any one names a VM
     settings: Settings  # [defaults] with this policy's own keys over them
     keep: retention.Policy | None  # None: no pruning
@@ -87,6 +87,8 @@ class Policy:
 
     @property
     def label(self) -> str:
+        if self.index == 0:
+            return "the command line"
         return f"[[policy]] {self.index} ({', '.join(self.match)})"
 
     def matches(self, vm: str) -> bool:

@@ -42,7 +42,7 @@ def complete_vm(incomplete: str) -> list[str]:
 def complete_checkpoint(ctx: typer.Context, incomplete: str) -> list[str]:
     """The VM's points in the repository (--repo, else the default), then libvirt's checkpoints."""
     # (while an option's value is completed, click leaves the VM argument unparsed in ctx.args)
-    vm = ctx.params.get("vm") or next(iter(ctx.args), None)
+    vm = ctx.params.get("vm") or next(iter(ctx.params.get("vms") or ()), None) or next(iter(ctx.args), None)
     if not vm:
         return []
     names: list[str] = []

@@ -17,6 +17,7 @@ Examples:
   libvbackup pull vm1 --repo /backups                     # a full backup
   libvbackup pull vm1 --repo /backups --level auto        # incremental when it can be
   libvbackup pull vm1 --repo /backups --incremental CHK --quiesce yes --json
+  libvbackup pull vm1 vm2 vm3 --repo /backups --level auto --jobs 2
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from typing import List, Optional
 import typer
 
 from .. import api
+from ..errors import UsageError
 from ..plan import parse_size
 from .common import (JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, complete_checkpoint, complete_vm, emit_json, human,
                      progress_mode, repo_path)
+from .run_cmd import render_report, vm_line
 
 
 SCRATCH_HELP = {
@@ -42,8 +45,10 @@ def backup_command(mode: str, doc: str):
     """The pull and push commands: one signature, the mode bound here."""
 
     def command(
-        vm: str = typer.Argument(..., metavar="VM", help="Name of the libvirt domain (pull: running or shut off; push: running).",
-                                autocompletion=complete_vm),
+        vms: Optional[List[str]] = typer.Argument(
+            None, metavar="VM...", autocompletion=complete_vm,
+            help="Name of the libvirt domain (pull: running or shut off; push: running); several are "
+                 "backed up at once (--jobs), one report at the end."),
         repo: Optional[str] = RepoOpt,
         incremental: Optional[str] = typer.Option(
             None, "--incremental", "-i", metavar="CHECKPOINT", autocompletion=complete_checkpoint,
@@ -101,8 +106,20 @@ def backup_command(mode: str, doc: str):
             False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
         ),
         progress: str = ProgressOpt,
+        jobs: Optional[int] = typer.Option(
+            None, "--jobs", "-j", metavar="N", help="With several VMs (or --all): how many at once [default: 2].",
+        ),
+        all_vms: bool = typer.Option(False, "--all", help="Every VM of the libvirt at --uri."),
         json_out: bool = JsonOpt,
-    ) -> None:        run(mode=mode, vm=vm, repo=repo, incremental=incremental, level=level, checkpoint=checkpoint,
+    ) -> None:
+        if all_vms or jobs is not None or len(vms or ()) != 1:
+            return run_many(mode=mode, vms=vms or [], all_vms=all_vms, jobs=jobs, repo=repo, level=level,
+                            scratch_dir=scratch_dir, uri=uri, dry_run=dry_run, json_out=json_out, quiesce=quiesce,
+                            per_vm=dict(incremental=incremental, checkpoint=checkpoint, disk=disk, exclude=exclude,
+                                        scratch_limit=scratch_limit, nbd_address=nbd_address, nbd_port=nbd_port,
+                                        tls_dir=tls_dir, no_tls=no_tls))
+        vm = vms[0]
+        run(mode=mode, vm=vm, repo=repo, incremental=incremental, level=level, checkpoint=checkpoint,
             disk=disk, exclude=exclude, scratch_dir=scratch_dir, scratch_limit=scratch_limit, uri=uri,
             dry_run=dry_run, progress=progress, json_out=json_out, quiesce=quiesce, nbd_address=nbd_address,
             nbd_port=nbd_port, tls_dir=tls_dir, no_tls=no_tls)
@@ -113,6 +130,23 @@ def backup_command(mode: str, doc: str):
 
 
 pull = backup_command("pull", __doc__)
+
+PER_VM = {"incremental": "--incremental", "checkpoint": "--checkpoint", "disk": "--disk", "exclude": "--exclude",
+          "scratch_limit": "--scratch-limit", "nbd_address": "--nbd-address", "nbd_port": "--nbd-port",
+          "tls_dir": "--tls-dir", "no_tls": "--no-tls"}
+
+
+def run_many(*, mode: str, vms: list[str], all_vms: bool, jobs, repo, level, scratch_dir, uri, dry_run, json_out,
+             quiesce, per_vm: dict) -> None:
+    """Several VMs at once: the options to keyword arguments, the report to text or JSON."""
+    given = [PER_VM[k] for k, v in per_vm.items() if v]
+    if given:
+        raise UsageError(f"{', '.join(given)} name(s) one VM's checkpoints, disks or export: back up one VM "
+                         "at a time with it")
+    report = api.backup_many(vms, all_vms=all_vms, repo=repo_path(repo), mode=mode, uri=uri, level=level,
+                             quiesce=quiesce, scratch_dir=scratch_dir, jobs=2 if jobs is None else jobs,
+                             dry_run=dry_run, on_vm=None if json_out else vm_line)
+    render_report(report, json_out)
 
 
 def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclude, scratch_dir,

@@ -60,7 +60,12 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan every backup, show it; change nothing."),
     json_out: bool = JsonOpt,
 ) -> None:
-    report = api.run(config=config, vms=vms or (), jobs=jobs, dry_run=dry_run, on_vm=None if json_out else _line)
+    report = api.run(config=config, vms=vms or (), jobs=jobs, dry_run=dry_run, on_vm=None if json_out else vm_line)
+    render_report(report, json_out)
+
+
+def render_report(report: RunReport, json_out: bool) -> None:
+    """The report as JSON or as a total (the lines came with ``on_vm``), and the exit code."""
     if json_out:
         emit_json(report.to_dict())
     else:
@@ -73,7 +78,8 @@ def run(
         raise SystemExit(report.exit_code)
 
 
-def _line(r: VmRun) -> None:
+def vm_line(r: VmRun) -> None:
+    """One VM, as soon as it is done (``run`` and ``pull VM VM…``)."""
     if not r.ok:
         what = "cannot back up" if r.dry_run else "FAILED"
         typer.echo(f"{what} {r.vm} ({r.policy}): exit {r.exit_code}: {r.error}")
