@@ -30,6 +30,7 @@ import nbd
 
 from . import extents
 from .errors import CopyError
+from .netexport import CLIENT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def _connect_unix(socket: str, export: str, contexts: Sequence[str], index: int)
     return h
 
 
-TLS_CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")  # libnbd's names
+TLS_CLIENT_FILES = CLIENT_FILES  # libnbd's names, the ones the plan checks (netexport)
 
 
 def _check_tls_dir(tls_dir: str) -> None:

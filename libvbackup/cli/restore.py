@@ -60,20 +60,20 @@ def restore(
     if json_out:
         emit_json(r.to_dict())
     elif isinstance(r, InPlaceResult):
-        typer.echo(f"restored {vm} in place at {r.checkpoint}:")
-        for name, d in r.disks.items():
-            typer.echo(f"  {name}: {d.path}")
+        _disks(f"restored {vm} in place at {r.checkpoint}:", r.disks)
         for name in r.left_alone:
             typer.echo(f"  {name}: left as it was (not in the point)")
         if r.checkpoints_dropped:
             typer.echo(f"checkpoints dropped: {', '.join(r.checkpoints_dropped)} (the next backup is a full one)")
     elif isinstance(r, DefinedResult):
-        typer.echo(f"restored {vm} at {r.checkpoint} as VM {r.name} ({'started' if r.started else 'defined'}):")
-        for name, d in r.disks.items():
-            typer.echo(f"  {name}: {d.path}")
+        _disks(f"restored {vm} at {r.checkpoint} as VM {r.name} ({'started' if r.started else 'defined'}):", r.disks)
         for name in r.left_out:
             typer.echo(f"  {name}: left out (not in the point)")
     else:
-        typer.echo(f"restored {vm} at {r.checkpoint}:")
-        for name, d in r.disks.items():
-            typer.echo(f"  {name}: {d.path}")
+        _disks(f"restored {vm} at {r.checkpoint}:", r.disks)
+
+
+def _disks(title: str, disks: dict) -> None:
+    typer.echo(title)
+    for name, d in disks.items():
+        typer.echo(f"  {name}: {d.path}")
