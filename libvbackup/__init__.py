@@ -13,6 +13,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``records``     sparse digest records as a stream of raw bytes (pure)
 - ``checksum``    block digests of guest data (pure; xxhash loads only when digests are made)
 - ``sums``        how a point stores its digests: sparse records, the blkhash (pure)
+- ``seal``        what leaves the host for a bucket: frames sealed with AES-256-GCM (pure)
 - ``manifest``    the repository's on-disk format (pure parse/serialise)
 - ``retention``   which points a prune keeps: borg's last/daily/weekly/monthly/yearly rules (pure)
 - ``plan``        which checkpoint a backup extends, its level, names; prune plans (pure)
@@ -25,21 +26,28 @@ tests/unit/test_layers.py holds the code to it):
 - ``progress``    progress lines and counters
 - ``signals``     SIGINT/SIGTERM around a run, the umask
 - ``nbdio``       the only module that imports ``nbd``: ``Source``, the one source interface
+- ``bucket``      the only module that imports ``boto3``: S3 objects, errors in one line
 - ``imagefile``   a qcow2 image's own layer read from its file (``qemu-img map`` + pread)
+- ``offsite``     a repository in a bucket: header, point objects, ranged reads, uploads
+- ``remotesource`` a point's chain read from a bucket: a source for the copy engine
 - ``engine``      the copy engine: a source into a target, an observer watching
 - ``parallel``    several copies at once, a watchdog, the first failure stops all
 - ``virt``        the only module that imports ``libvirt``
 - ``target``      the image files the engine writes (raw, and qcow2 through ``qcow2``)
 - ``qemuimg``     qemu-img wrappers
 - ``repo``        the repository: every path convention, the lock, sums, commit of a point
+- ``instantrec``  instant VMs seen from the repository: their records, the points they read, their qemu-nbd
 - ``quiesce``     guest file systems frozen through the agent while the job begins; the thaw guard
 - ``journal``     the run journal: states, clean-up and recovery of a dead run
 - ``scratch``     the run directory and the scratch guard
 - ``transport``   what the pull and push transports share
 - ``pull``, ``push``, ``offline``   the transports (``offline``: a shut-off domain's images)
 - ``backup``, ``restore``, ``verify``, ``prune``, ``lifecycle``   operations
+- ``s3repo``      ``copy`` to a bucket; list, restore, verify, prune of a bucket
 - ``vmrestore``   a VM back from a point: defined anew, or its disks put back in place
+- ``instant``     a VM running at once on overlays of a point served over NBD (``--instant``), ``finalize``
 - ``mapping``     one disk of a point served read-only over NBD (``map``)
+- ``guestfiles``  single files of a point: listed, copied out (the only module that imports ``guestfs``)
 - ``runner``      ``libvbackup run``: every VM a policy names, a few at once, one report
 - ``api``         the Python API: every operation, keyword arguments, typed results
 - ``cli``         typer commands, thin

@@ -12,7 +12,7 @@ line's) and ``hint`` (what to do next)::
      +-- RepositoryError       exit 5   the repository cannot be read or written
      +-- LibvirtError          exit 6   libvirt refused or failed
      +-- CopyError             exit 7   reading the export or writing an image failed
-     +-- ToolError             exit 8   qemu-img / qemu-nbd failed
+     +-- ToolError             exit 8   qemu-img / qemu-nbd / libguestfs failed
      +-- VerifyError           exit 9   stored backups differ from what was backed up
      +-- Interrupted           exit 130/143  SIGINT / SIGTERM (main thread only)
 
@@ -49,16 +49,20 @@ from typing import Callable, Sequence
 
 from . import backup as _backup, lifecycle as _lifecycle, prune as _prune, restore as _restore
 from . import config as _config, mapping as _mapping, runner as _runner, verify as _verify
-from . import vmrestore as _vmrestore
+from . import instant as _instant, vmrestore as _vmrestore
+from . import guestfiles as _guestfiles
+from .results import ExtractResult, FilesResult
 from .mapping import Mapping
 from .errors import UsageError
 from .results import (AbortResult, BackupResult, CheckpointsResult, DefinedResult, InPlaceResult, ListResult,
                       ProgressEvent, PruneResult, RestoreResult, RunReport, StatusResult, VerifyResult, VmRun)
+from .results import CopyResult, FinalizeResult, InstantResult
 from .progress import MODES
 from .retention import Policy
 
 __all__ = ["pull", "push", "backup_many", "list_points", "restore", "verify", "prune", "run", "map_point", "checkpoints",
-           "status", "abort", "ProgressEvent", "Mapping"]
+           "status", "abort", "files", "extract", "ProgressEvent", "Mapping",
+           "finalize"]
 
 OnProgress = Callable[[ProgressEvent], None]
 
@@ -74,7 +78,7 @@ def pull(vm: str, *, repo: str, uri: str | None = None, level: str | None = None
          quiesce: str = "auto", scratch_dir: str | None = None, scratch_limit: int | None = None,
          dry_run: bool = False, on_progress: OnProgress | None = None, progress: str = "none",
          nbd_address: str | None = None, nbd_port: str | None = None, tls_dir: str | None = None,
-         tls: bool = True) -> BackupResult:
+         tls: bool = True, compress: bool = False) -> BackupResult:
     """Pull-mode backup of a running VM: libvirt exports each disk over NBD at a point in time
     and a new checkpoint; libvbackup copies what is needed into the repository ``repo``.
 
@@ -94,11 +98,13 @@ def pull(vm: str, *, repo: str, uri: str | None = None, level: str | None = None
     ``nbd_address`` (default: the URI's host), the first free port of ``nbd_port`` (``"10809"``
     or ``"10809-10909"``, the default), TLS with the client certificate in ``tls_dir`` (default
     ``/etc/pki/qemu``) unless ``tls=False``; ``scratch_dir`` is then a directory there.
+    ``compress``: the images' clusters compressed (zstd when python3-zstandard is installed, else
+    zlib), each on its own; ``compression`` and ``stored_bytes`` of each disk of the result.
     """
     return _backup.backup(vm, mode="pull", repo=repo, uri=uri, checkpoint=checkpoint, incremental=incremental,
                           level=level, disks=disks, exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run,
                           progress=_progress(on_progress, progress), scratch_limit=scratch_limit, quiesce=quiesce,
-                          nbd_address=nbd_address, nbd_port=nbd_port, tls_dir=tls_dir, tls=tls)
+                          nbd_address=nbd_address, nbd_port=nbd_port, tls_dir=tls_dir, tls=tls, compress=compress)
 
 
 def push(vm: str, *, repo: str, uri: str | None = None, level: str | None = None, incremental: str | None = None,
@@ -116,15 +122,48 @@ def push(vm: str, *, repo: str, uri: str | None = None, level: str | None = None
                           nbd_address=nbd_address, nbd_port=nbd_port, tls_dir=tls_dir, tls=tls)
 
 
-def list_points(vm: str, *, repo: str) -> ListResult:
-    """The VM's backup points in ``repo``, oldest first."""
+def _s3(repo: str | None) -> bool:
+    return bool(repo) and str(repo).startswith("s3://")
+
+
+def _local_only(what: str, **given) -> None:
+    if any(given.values()):
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k, v in given.items() if v)} "
+                         f"apply to s3:// repositories only ({what})")
+
+
+def list_points(vm: str, *, repo: str, key_file: str | None = None, s3_endpoint: str | None = None,
+                no_encrypt: bool = False) -> ListResult:
+    """The VM's backup points in ``repo`` (a directory, or ``s3://BUCKET/PREFIX``), oldest first."""
+    if _s3(repo):
+        from . import s3repo
+
+        return s3repo.list_points(vm, repo=repo, endpoint=s3_endpoint, key_file=key_file, no_encrypt=no_encrypt)
+    _local_only("list", key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
     return _restore.list_points(vm, repo=repo)
 
 
+def copy(vms: Sequence[str] = (), *, repo: str, to: str, all_vms: bool = False, key_file: str | None = None,
+         s3_endpoint: str | None = None, no_encrypt: bool = False, dry_run: bool = False,
+         on_progress: OnProgress | None = None, progress: str = "none") -> CopyResult:
+    """Copy the completed points of ``vms`` (or ``all_vms``) from the local ``repo`` to the
+    bucket ``to`` (``s3://BUCKET/PREFIX``), oldest first, each only if the bucket lacks it.
+    Encrypted on this host with ``key_file`` unless ``no_encrypt``; a point appears in the
+    bucket when all its objects are there; an interrupted copy resumes where it stopped."""
+    from . import s3repo
+
+    if _s3(repo):
+        raise UsageError("copy reads a local repository (--repo DIR) and writes a bucket (--to s3://…)")
+    return s3repo.copy(vms, repo=repo, to=to, all_vms=all_vms, endpoint=s3_endpoint, key_file=key_file,
+                       no_encrypt=no_encrypt, dry_run=dry_run, progress=_progress(on_progress, progress))
+
+
 def restore(vm: str, *, repo: str, output: str | None = None, checkpoint: str | None = None,
-            format: str = "qcow2", disks: Sequence[str] = (), define: str | None = None, start: bool = False,
+            format: str = "qcow2", disks: Sequence[str] = (), define: str | None = None, start: bool | None = None,
             in_place: bool = False, confirm: bool = False, uri: str | None = None,
-            on_progress: OnProgress | None = None, progress: str = "none") -> RestoreResult | DefinedResult | InPlaceResult:
+            on_progress: OnProgress | None = None, progress: str = "none",
+            instant: bool = False, key_file: str | None = None, s3_endpoint: str | None = None,
+            no_encrypt: bool = False, compress: bool = False) -> RestoreResult | DefinedResult | InPlaceResult | InstantResult:
     """Restore point ``checkpoint`` (default: the newest) of ``vm``.
 
     - ``output``: a new or empty directory; ``<disk>.<format>`` standalone images in it
@@ -133,8 +172,35 @@ def restore(vm: str, *, repo: str, output: str | None = None, checkpoint: str | 
       domain XML saved with the point, its disks the restored images (``DefinedResult``).
     - ``in_place=True`` and ``confirm=True``: the shut-off VM's own disk files get the point's
       data and its checkpoints are dropped; its next backup is a full one (``InPlaceResult``).
+    - ``instant=True``, ``output`` and ``define=NAME``: domain NAME runs within seconds (``start``
+      defaults to True) on new qcow2 overlays in ``output`` whose backing is the point's chain,
+      served read-only over NBD by detached qemu-nbd processes (``InstantResult``); its writes go
+      to the overlays. Until ``finalize(NAME)`` the repository keeps the points it reads.
+    - ``compress``: the ``output`` images (qcow2) have compressed clusters, as ``pull``'s.
     """
     progress = _progress(on_progress, progress)
+    if compress and (format != "qcow2" or instant or define or in_place or _s3(repo)):
+        raise UsageError("--compress restores qcow2 images into --output DIR only (not raw, --define, "
+                         "--instant, --in-place or a bucket)")
+    if _s3(repo):
+        if instant or define or in_place or start:
+            raise UsageError("a bucket restores images only (--output DIR); restore them, or copy the points "
+                             "to a local repository, for --define, --instant or --in-place")
+        if output is None:
+            raise UsageError("--output DIR is required")
+        from . import s3repo
+
+        return s3repo.restore(vm, repo=repo, output=output, checkpoint=checkpoint, fmt=format, disks=disks,
+                              progress=progress, endpoint=s3_endpoint, key_file=key_file, no_encrypt=no_encrypt)
+    _local_only("restore", key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
+    if instant:
+        if in_place or disks or format != "qcow2":
+            raise UsageError("--instant takes none of --in-place, --disk, --format (the overlays are qcow2)")
+        if not define or output is None:
+            raise UsageError("--instant needs --define NAME and --output DIR (the overlays go there)")
+        return _instant.restore_instant(vm, repo=repo, output=output, name=define, checkpoint=checkpoint,
+                                        start=True if start is None else start, uri=uri)
+    start = bool(start)
     if in_place:
         if output or define or start or disks or format != "qcow2":
             raise UsageError("--in-place takes none of --output, --define, --start, --disk, --format")
@@ -150,22 +216,45 @@ def restore(vm: str, *, repo: str, output: str | None = None, checkpoint: str | 
         return _vmrestore.restore_as_vm(vm, repo=repo, output=output, name=define, checkpoint=checkpoint,
                                         fmt=format, start=start, uri=uri, progress=progress)
     return _restore.restore(vm, repo=repo, output=output, checkpoint=checkpoint, fmt=format, disks=disks,
-                            progress=progress)
+                            progress=progress, compress=compress)
 
 
-def verify(vm: str, *, repo: str, checkpoint: str | None = None) -> VerifyResult:
+def finalize(name: str, *, uri: str | None = None, on_progress: OnProgress | None = None,
+             progress: str = "none") -> FinalizeResult:
+    """Make instant VM ``name`` (``restore(..., instant=True)``) independent of the repository:
+    each disk's chain is pulled into its overlay while the VM runs (``virDomainBlockPull``; a
+    shut-off VM: ``qemu-img rebase`` offline), then its NBD servers are stopped and its record
+    removed, so that prune may remove the points it read."""
+    return _instant.finalize(name, uri=uri, progress=_progress(on_progress, progress))
+
+
+def verify(vm: str, *, repo: str, checkpoint: str | None = None, key_file: str | None = None,
+           s3_endpoint: str | None = None, no_encrypt: bool = False) -> VerifyResult:
     """Re-read every image of each point's chain (or of ``checkpoint`` only) and compare it with
     the checksums taken at backup time. ``ok`` is False when anything is missing or damaged;
     the points and disks say what (the command line then exits 9)."""
+    if _s3(repo):
+        from . import s3repo
+
+        return s3repo.verify(vm, repo=repo, checkpoint=checkpoint, endpoint=s3_endpoint, key_file=key_file,
+                             no_encrypt=no_encrypt)
+    _local_only("verify", key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
     return _verify.verify(vm, repo=repo, checkpoint=checkpoint)
 
 
 def prune(vm: str, *, repo: str, keep_last: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
-          keep_monthly: int = 0, keep_yearly: int = 0, uri: str | None = None, dry_run: bool = False) -> PruneResult:
+          keep_monthly: int = 0, keep_yearly: int = 0, uri: str | None = None, dry_run: bool = False,
+          key_file: str | None = None, s3_endpoint: str | None = None, no_encrypt: bool = False) -> PruneResult:
     """Keep the points the rules select (borg's semantics, see ``libvbackup.retention``); every kept
     point stays restorable (rebased onto its nearest kept ancestor, or made standalone); the
     others and their libvirt checkpoints are removed. The newest point is always kept."""
     policy = Policy(last=keep_last, daily=keep_daily, weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly)
+    if _s3(repo):
+        from . import s3repo
+
+        return s3repo.prune(vm, repo=repo, keep=policy, dry_run=dry_run, endpoint=s3_endpoint, key_file=key_file,
+                            no_encrypt=no_encrypt)
+    _local_only("prune", key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
     return _prune.prune(vm, repo=repo, keep=policy, uri=uri, dry_run=dry_run)
 
 
@@ -190,6 +279,27 @@ def map_point(vm: str, *, repo: str, checkpoint: str | None = None, disk: str | 
     Returns a ``Mapping`` (``.uri``, ``.result``): use it in a ``with`` or ``close()`` it."""
     return _mapping.map_point(vm, repo=repo, checkpoint=checkpoint, disk=disk, port=port, address=address,
                               tls_dir=tls_dir)
+
+
+def files(vm: str, *, repo: str, checkpoint: str | None = None, disk: str | None = None, path: str = "/",
+          fs: str | None = None) -> FilesResult:
+    """List directory ``path`` (default ``/``) of a point's file system (default: the newest
+    point; ``disk`` needed when it has several; ``fs``, e.g. ``/dev/sda1``, when the disk holds
+    several file systems), read-only through libguestfs; a path that is not a directory gives
+    that entry alone. NotFound: no such path, or no file system on the disk."""
+    return _guestfiles.files(vm, repo=repo, checkpoint=checkpoint, disk=disk, path=path, fs=fs)
+
+
+def extract(vm: str, *, repo: str, paths: Sequence[str], output: str, checkpoint: str | None = None,
+            disk: str | None = None, fs: str | None = None, force: bool = False, progress: str = "none",
+            on_progress: OnProgress | None = None) -> ExtractResult:
+    """Copy files and directory trees of a point's file system into ``output`` (created when
+    missing): ``output/<name>`` per path (``/``: its contents into ``output``), modes, owners
+    and times kept, symlinks as symlinks, device nodes, fifos and sockets skipped (named in
+    the result). Refuses to overwrite anything unless ``force``; on failure what it wrote is
+    removed. Disk and file system chosen as for ``files``."""
+    return _guestfiles.extract(vm, repo=repo, paths=paths, output=output, checkpoint=checkpoint, disk=disk, fs=fs,
+                               force=force, progress=_progress(on_progress, progress))
 
 
 def backup_many(vms: Sequence[str] = (), *, all_vms: bool = False, repo: str, mode: str = "pull",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pathlib
 import stat
 import time
 from typing import Callable, Sequence
@@ -61,6 +62,7 @@ class Request:
     nbd_port: str | None = None
     tls_dir: str | None = None
     tls: bool = True
+    compress: bool = False
 
     @property
     def requested_level(self) -> str:
@@ -116,6 +118,7 @@ def backup(
     tls_dir: str | None = None,
     tls: bool = True,
     on_job_started: Callable[[], None] | None = None,
+    compress: bool = False,
 ) -> BackupResult:
     """Take a backup of a running VM (``mode`` pull or push).
 
@@ -131,11 +134,17 @@ def backup(
     and before copying starts: the place to thaw guest file systems frozen before the call.
     Guest writes during the backup go to scratch images; the run is aborted (never the guest)
     past ``scratch_limit`` bytes or when the scratch file system runs low (``scratch``).
+
+    ``compress`` (pull): the images' clusters are compressed (zstd, else zlib), each on its
+    own; what does not compress is stored as it is.
     """
     if mode not in MODES:
         raise UsageError(f"unknown backup mode {mode!r}; use pull or push")
+    if compress and mode == "push":
+        raise UsageError("--compress is for pull backups: in push mode QEMU writes the images",
+                         "use pull, or compress a point later with qemu-img convert -c")
     req = Request(vm, mode, checkpoint, incremental, level, tuple(disks), tuple(exclude), scratch_dir, quiesce,
-                  nbd_address, nbd_port, tls_dir, tls)
+                  nbd_address, nbd_port, tls_dir, tls, compress)
     repository = Repository(repo)
     if dry_run:
         repository.check_readable()
@@ -291,7 +300,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
 
         freezer = quiesce.Freezer(dom, planned.quiesce, dom.uri, frozen)
         ctx = RunContext(repository, dom, docs, planned.manifest, partial, progress, scratch_limit, on_job_started,
-                         freezer, planned.net, planned.remote)
+                         freezer, planned.net, planned.remote, compress=req.compress)
         results = TRANSPORTS[planned.transport](ctx)
         point = _point(repository, dom, planned, req, record, results, time.monotonic() - t0, freezer)
         repository.commit_point(planned.manifest, point)
@@ -330,6 +339,7 @@ def _point(repository: Repository, dom, planned: Planned, req: Request, record: 
             bitmap=by_name[r.name].bitmap, source_format=by_name[r.name].format,
             blkhash=r.blkhash, block_size=r.block, checksum=r.algorithm, sums_format=r.sums_format,
             reason=by_name[r.name].reason, identity=by_name[r.name].identity,
+            compression=r.compression, stored_bytes=_stored(record, r.name),
         )
         for r in results
     }
@@ -341,6 +351,14 @@ def _point(repository: Repository, dom, planned: Planned, req: Request, record: 
                     frozen_seconds=freezer.frozen_seconds)
 
 
+def _stored(record: RunRecord, disk: str) -> int | None:
+    """The bytes the image takes in the repository (its file size)."""
+    try:
+        return os.stat(Repository.image_file(pathlib.Path(record.partial), disk)).st_size
+    except (OSError, TypeError):
+        return None
+
+
 def _result(repository: Repository, planned: Planned, req: Request, point: mf.Point | None,
             dry_run: bool = False, note: str | None = None) -> BackupResult:
     plan = planned.docs.plan
@@ -350,7 +368,8 @@ def _result(repository: Repository, planned: Planned, req: Request, point: mf.Po
         disks[d.name] = BackupDisk(
             name=d.name, mode="full" if d.full else "incremental", reason=d.reason, bitmap=d.bitmap,
             image=str(repository.image(plan.vm, pd.image)) if pd else None, backing=d.backing, size=pd.size if pd else d.size,
-            bytes_copied=pd.bytes_copied if pd else 0, bytes_zeroed=pd.bytes_zeroed if pd else 0)
+            bytes_copied=pd.bytes_copied if pd else 0, bytes_zeroed=pd.bytes_zeroed if pd else 0,
+            compression=pd.compression if pd else None, stored_bytes=pd.stored_bytes if pd else None)
     return BackupResult(
         vm=plan.vm, checkpoint=plan.checkpoint, parent=plan.parent, level=plan.level, mode=planned.transport,
         requested_level=req.requested_level, fallback_reason=planned.choice.reason, redefined=plan.redefine,

@@ -263,6 +263,9 @@ def _run(src: Source, wake: int, ops, target, observer, stats, progress, max_inf
         while done:
             item, errno = done.popleft()
             if errno:
+                failure = getattr(src, "failure", None)  # a source that knows why (a sealed frame that fails)
+                if failure is not None:
+                    raise failure
                 raise CopyError(f"reading {src.name} at offset {item.offset} failed: {os.strerror(errno)}")
             work.put(item)
         while finished:

@@ -9,7 +9,7 @@
      +-- RepositoryError       exit 5   the repository cannot be read or written
      +-- LibvirtError          exit 6   libvirt refused or failed (wraps libvirt.libvirtError)
      +-- CopyError             exit 7   reading the export or writing an image failed
-     +-- ToolError             exit 8   qemu-img / qemu-nbd failed
+     +-- ToolError             exit 8   qemu-img / qemu-nbd / libguestfs failed
      +-- VerifyError           exit 9   stored backups differ from what was backed up
      +-- Interrupted           exit 130/143  SIGINT / SIGTERM
 
@@ -74,7 +74,7 @@ class CopyError(Error):
 
 
 class ToolError(Error):
-    """An external QEMU tool (qemu-img, qemu-nbd) failed."""
+    """An external tool (qemu-img, qemu-nbd, libguestfs) failed."""
 
     exit_code = 8
 
@@ -106,7 +106,7 @@ EXIT_CODES = (
     (RepositoryError.exit_code, "repository: missing, unwritable, corrupt or of a newer format"),
     (LibvirtError.exit_code, "libvirt refused or failed"),
     (CopyError.exit_code, "copy: reading the export or writing an image failed"),
-    (ToolError.exit_code, "qemu-img / qemu-nbd failed"),
+    (ToolError.exit_code, "a tool failed: qemu-img, qemu-nbd, libguestfs"),
     (VerifyError.exit_code, "verify: stored backups are missing or damaged"),
     (10, "run: some of the VMs failed (the report names them)"),
     (70, "internal error: a bug (--debug shows where)"),

@@ -9,8 +9,10 @@ depth in the chain, whether it holds data and where in the file. A read of a ran
 showed as this image's data is a ``pread`` at that place, in a worker thread; anything else
 (a block partly in the backing file, re-read for its digest) is read through qemu-nbd.
 
-Only images libvbackup or QEMU's backup job wrote are read this way: qcow2 without compressed
-clusters or an external data file (a data extent without a file offset is refused).
+Data the map shows without a place in the file (compressed clusters: ``pull --compress``;
+``qemu-img map`` of QEMU 7.2 gives them ``data: true`` and no ``offset``) is read through
+qemu-nbd like any other range it does not cover: QEMU inflates it. ``qcow2map.own_map`` leaves
+such an image to ``qemu-img map``.
 """
 
 from __future__ import annotations
@@ -123,9 +125,10 @@ class FileSource:
         depth = e.get("depth", 0)
         own = e.get("present", False) and (depth == 0 or bool(self.chain_files))
         data = bool(e.get("data"))
-        if data and own:
-            if "offset" not in e or depth >= len(self.fds):
-                raise CopyError(f"{self.path} has data without a place in its files (compressed?)")
+        if data and own and "offset" in e:  # else compressed: read through qemu-nbd
+            if depth >= len(self.fds):
+                raise CopyError(f"{self.path}: qemu-img map shows data at depth {depth} of a chain of "
+                                f"{len(self.fds)} files")
             with self._lock:
                 if len(self._starts) >= KEEP:  # reads lag the map by the requests in flight
                     cut = bisect.bisect_left(self._ends, start - KEEP_BYTES)

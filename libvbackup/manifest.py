@@ -34,6 +34,8 @@ class PointDisk:
     sums_format: int = DENSE  # 1: a digest per block (older points); 2: sparse (checksum.py)
     reason: str | None = None  # why this disk is full in an incremental point, or that it grew
     identity: str | None = None  # "device:inode" of the source file it was copied from, if local
+    compression: str | None = None  # zstd | zlib: the image's clusters are compressed (pull --compress)
+    stored_bytes: int | None = None  # the image's file size when it was written
 
 
 @dataclasses.dataclass
@@ -135,6 +137,8 @@ def _disk(name: str, dd: Any, at: str) -> PointDisk:
         sums_format=_sums_format(_opt(dd, "sums_format", int, where, DENSE), where),
         reason=_opt(dd, "reason", str, where, None),
         identity=_opt(dd, "identity", str, where, None),
+        compression=_opt(dd, "compression", str, where, None),
+        stored_bytes=_opt(dd, "stored_bytes", int, where, None),
     )
 
 
@@ -205,3 +209,8 @@ def loads(text: str, where: str = "manifest.json") -> Manifest:
         points.append(p)
     uuid = doc.get("uuid")
     return Manifest(vm=vm, uuid=uuid if isinstance(uuid, str) else None, points=points)
+
+
+def point_from_dict(raw: Any, where: str) -> Point:
+    """One point's record, as ``dumps`` writes it (its parent is not checked here)."""
+    return _point(raw, where)

@@ -121,13 +121,14 @@ def run(ctx: RunContext) -> list[DiskResult]:
             src = opened.enter_context(nbdio.image(src_disk.source, src_disk.format or "raw",
                                                    connections=CONNECTIONS, bitmap=bitmap))
             dst = opened.enter_context(contextlib.closing(
-                tgt.Qcow2Target(str(ctx.image(d.name)), src.size, backing=ctx.backing(d))))
+                tgt.open_target(str(ctx.image(d.name)), src.size, backing=ctx.backing(d), compress=ctx.compress)))
             sums[d.name] = opened.enter_context(contextlib.closing(ctx.digests(d, src.size)))
             jobs.append(parallel.Job(d.name, src, dst, sums[d.name].hasher))
         stats = parallel.copy_all(jobs, ctx.progress, sink=ctx.sink, vm=plan.vm)
         results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
                               sums[j.name].complete(), sums[j.name].layout.block,
-                              sums[j.name].layout.algorithm_name) for j in jobs]
+                              sums[j.name].layout.algorithm_name,
+                              compression=getattr(j.target, "compression", None)) for j in jobs]
     # The images are ours no more (qemu-nbd exited): the new checkpoint's bitmaps go in now.
     for disk in bitmap_names(xml):
         d = sources.get(disk)

@@ -30,7 +30,7 @@ import datetime
 import logging
 import shutil
 
-from . import qcow2, qcow2map, qemuimg
+from . import instantrec, qcow2, qcow2map, qemuimg
 from .errors import Error
 from .manifest import Manifest
 from .plan import PrunePlan, plan_prune
@@ -60,10 +60,18 @@ def prune(vm: str, *, repo: str, keep: int | Policy, uri: str | None = None, dry
     work = _image_work(repository, m, plan)
     if dry_run or not (plan.remove or work):
         warnings += [w.note for w in work if w.note]
+        if dry_run and plan.remove:  # what the real prune would refuse
+            for rec in instantrec.in_use(repository, vm):
+                held = [p for p in rec.points if p in plan.remove]
+                if held:
+                    warnings.append(f"point(s) {', '.join(held)} are in use by instant VM {rec.name!r}: "
+                                    f"prune refuses until 'libvbackup finalize {rec.name}'")
         return _result(m, plan, dry_run, deleted, warnings)
     with repository.lock(vm):
         m = repository.load(vm)
         plan = plan_prune(m, keep, tz)
+        # An instant VM reads its point's whole chain through qemu-nbd: none of it may go.
+        instantrec.refuse_removal(repository, vm, plan.remove)
         for w in _image_work(repository, m, plan):
             if w.note:
                 log.warning("%s", w.note)

@@ -67,7 +67,7 @@ def run(ctx: RunContext) -> list[DiskResult]:
                 raise StateError(f"libvirt exported disk {d.name} without a dirty bitmap")
             src = opened.enter_context(_source(ctx, d.name, bitmap))
             dst = opened.enter_context(contextlib.closing(
-                tgt.Qcow2Target(str(ctx.image(d.name)), src.size, backing=ctx.backing(d))))
+                tgt.open_target(str(ctx.image(d.name)), src.size, backing=ctx.backing(d), compress=ctx.compress)))
             sums[d.name] = opened.enter_context(contextlib.closing(ctx.digests(d, src.size)))
             jobs.append(parallel.Job(d.name, src, dst, sums[d.name].hasher))
         watch = scratch.watch(dom, None if ctx.remote else docs.run_dir, ctx.scratch_limit)
@@ -76,6 +76,7 @@ def run(ctx: RunContext) -> list[DiskResult]:
                                   stall=STALL if ctx.net is not None else None)
         results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
                               sums[j.name].complete(), sums[j.name].layout.block,
-                              sums[j.name].layout.algorithm_name) for j in jobs]
+                              sums[j.name].layout.algorithm_name,
+                              compression=getattr(j.target, "compression", None)) for j in jobs]
     dom.abort_job()
     return results

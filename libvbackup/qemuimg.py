@@ -23,14 +23,16 @@ def _run(argv: list[str]) -> str:
     return p.stdout
 
 
-def create(path: str, size: int, backing: str | None = None, unsafe: bool = False) -> None:
-    """A new qcow2 image; ``backing`` is a path relative to the new image's directory.
+def create(path: str, size: int, backing: str | None = None, unsafe: bool = False,
+           backing_format: str = "qcow2") -> None:
+    """A new qcow2 image; ``backing`` is a path relative to the new image's directory (or a
+    URI such as ``nbd+unix:///vda?socket=…``, of ``backing_format``).
 
     ``unsafe``: the backing file need not be reachable yet (the image is moved later).
     """
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=1.1"]
     if backing:
-        argv += ["-b", backing, "-F", "qcow2"] + (["-u"] if unsafe else [])
+        argv += ["-b", backing, "-F", backing_format] + (["-u"] if unsafe else [])
     argv += [path, str(size)]
     _run(argv)
 

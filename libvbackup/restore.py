@@ -30,7 +30,8 @@ def list_points(vm: str, *, repo: str) -> ListResult:
         raise NotFound(f"repository {repository.root} holds no backups of VM {vm!r}")
     return ListResult(vm, str(repository.root), tuple(
         PointInfo(p.checkpoint, p.parent, p.level, p.mode, p.completed, p.seconds, {
-            n: PointDiskInfo(str(repository.image(vm, d.image)), d.size, d.bytes_copied, d.bytes_zeroed)
+            n: PointDiskInfo(str(repository.image(vm, d.image)), d.size, d.bytes_copied, d.bytes_zeroed,
+                             compression=d.compression, stored_bytes=d.stored_bytes)
             for n, d in p.disks.items()}, p.consistency, p.frozen_seconds)
         for p in m.points))
 
@@ -44,13 +45,16 @@ def restore(
     fmt: str = "qcow2",
     disks: Sequence[str] = (),
     progress: str = "none",
+    compress: bool = False,
 ) -> RestoreResult:
-    """Write ``output/<disk>.<fmt>`` for each disk, as it was when ``checkpoint`` was created."""
+    """Write ``output/<disk>.<fmt>`` for each disk, as it was when ``checkpoint`` was created
+    (``compress``: qcow2 with compressed clusters)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     repository = Repository(repo)
     m, point, names = select(repository, vm, checkpoint, disks)
-    return RestoreResult(vm, point.checkpoint, write_images(repository, m, point, names, output, fmt, progress))
+    return RestoreResult(vm, point.checkpoint, write_images(repository, m, point, names, output, fmt, progress,
+                                                            compress=compress))
 
 
 def select(repository: Repository, vm: str, checkpoint: str | None, disks: Sequence[str] = ()):
@@ -92,8 +96,9 @@ def check_output(output: str) -> pathlib.Path:
 
 
 def write_images(repository: Repository, m, point, names, output: str, fmt: str, progress: str,
-                 dir_mode: int = 0o700) -> dict[str, RestoredDisk]:
-    """``output/<disk>.<fmt>`` for each disk; on failure nothing of it is left."""
+                 dir_mode: int = 0o700, source=None, compress: bool = False) -> dict[str, RestoredDisk]:
+    """``output/<disk>.<fmt>`` for each disk; on failure nothing of it is left. ``source(pd)``
+    opens a disk's chain for reading (default: the repository's files)."""
     out = check_output(output)
     created_dir = False
     if not out.exists():
@@ -105,17 +110,18 @@ def write_images(repository: Repository, m, point, names, output: str, fmt: str,
         created_dir = True
     written = []
     with umask(0o077):
-        return _write_images(repository, m, point, names, out, fmt, progress, created_dir, written)
+        return _write_images(repository, m, point, names, out, fmt, progress, created_dir, written, source, compress)
 
 
-def _write_images(repository, m, point, names, out, fmt, progress, created_dir, written):
+def _write_images(repository, m, point, names, out, fmt, progress, created_dir, written, source=None,
+                  compress=False):
     try:
         result = {}
         for n in names:
             dst = out / f"{n}.{fmt}"
             tmp = out / f".{n}.{fmt}.partial"
             written.append(tmp)
-            write_disk(repository, m, point.disks[n], str(tmp), fmt, progress)
+            write_disk(repository, m, point.disks[n], str(tmp), fmt, progress, source, compress)
             os.replace(tmp, dst)
             repo_fsync_dir(out)
             written[-1] = dst
@@ -161,9 +167,11 @@ def _source(repository: Repository, m, pd):
     return imagefile.FileSource(files[0], pd.size, chain=files)
 
 
-def write_disk(repository: Repository, m, pd, output: str, fmt: str, progress: str) -> None:
+def write_disk(repository: Repository, m, pd, output: str, fmt: str, progress: str, source=None,
+               compress: bool = False) -> None:
     """One disk of a point, as it was, into a new image file ``output`` (flushed)."""
-    with _source(repository, m, pd) as src, contextlib.closing(target.open_target(output, src.size, fmt)) as dst:
+    with (source(pd) if source else _source(repository, m, pd)) as src, \
+            contextlib.closing(target.open_target(output, src.size, fmt, compress=compress)) as dst:
         prog = Progress(progress, vm=m.vm)
         prog.add(pd.name, engine.planned_bytes(src, dst))
         with prog:

@@ -49,6 +49,8 @@ class BackupDisk(Result):
     size: int | None = None
     bytes_copied: int = 0
     bytes_zeroed: int = 0
+    compression: str | None = None  # zstd | zlib: compressed clusters (pull --compress)
+    stored_bytes: int | None = None  # the image's file size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,8 @@ class PointDiskInfo(Result):
     size: int
     bytes_copied: int
     bytes_zeroed: int
+    compression: str | None = None  # zstd | zlib: compressed clusters (pull --compress)
+    stored_bytes: int | None = None  # the image's file size when written (older points: None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +182,58 @@ class InPlaceResult(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class InstantDisk(Result):
+    overlay: str  # the domain's disk: a new qcow2 image, its backing the NBD export below
+    backing: str  # nbd+unix:///vda?socket=… (qemu-nbd, read-only, the point's chain)
+    image: str  # the point's image in the repository (its backing chain is served with it)
+    size: int
+    server_pid: int  # the qemu-nbd serving it (it holds its lock file: the kernel proves it)
+
+
+@dataclasses.dataclass(frozen=True)
+class InstantResult(Result):
+    """``restore --instant``: a new domain running on overlays of the repository's chain."""
+
+    vm: str
+    checkpoint: str
+    name: str
+    uuid: str
+    started: bool
+    disks: dict[str, InstantDisk]
+    points: tuple[str, ...]  # the points it reads (the chain, oldest first): prune keeps them
+    record: str  # the record of the instant domain in the repository
+    seconds: float  # from the call to the domain started (or defined)
+    left_out: tuple[str, ...] = ()  # writable disks of the saved VM not in the point
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalizedDisk(Result):
+    path: str  # the disk's image, now standalone (no backing file)
+    size: int
+    method: str  # block-pull (a running domain) | rebase (a shut-off one: qemu-img, offline)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalizeResult(Result):
+    """``finalize``: the disks of an instant domain made standalone, the NBD servers stopped."""
+
+    name: str
+    vm: str
+    checkpoint: str
+    running: bool  # the domain ran during it (block pull while the guest runs)
+    disks: dict[str, FinalizedDisk]
+    points_released: tuple[str, ...]  # points no longer held by this domain
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class InstantUse(Result):
+    name: str  # the instant domain
+    checkpoint: str
+    points: tuple[str, ...]  # the points it reads, oldest first
+
+
+@dataclasses.dataclass(frozen=True)
 class MapResult(Result):
     """``map``: where one disk of a point is served, read-only, while the command runs."""
 
@@ -187,6 +243,64 @@ class MapResult(Result):
     image: str  # the point's image (its backing chain is served with it)
     uri: str  # nbd+unix:///vda?socket=… , nbd://127.0.0.1:PORT/vda or nbds://… (TLS)
     size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry(Result):
+    """One entry of a point's file system, as lstat sees it (a symlink is not followed)."""
+
+    name: str
+    path: str  # absolute in the guest's file system
+    type: str  # file | dir | symlink | char | block | fifo | socket
+    mode: int  # permission bits with set-id and sticky (0o7777), e.g. 416 = 0o640
+    size: int  # bytes
+    mtime: int  # modification time, seconds since the epoch
+    mtime_nsec: int  # and its nanoseconds
+    uid: int
+    gid: int
+    target: str | None  # what a symlink points to, else null
+
+    def mode_text(self) -> str:
+        """``-rw-r-----`` as ``ls -l`` shows it."""
+        import stat
+
+        kind = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "char": stat.S_IFCHR,
+                "block": stat.S_IFBLK, "fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}.get(self.type, 0)
+        text = stat.filemode(kind | self.mode)
+        return text if kind else "?" + text[1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class FilesResult(Result):
+    """``files``: a directory of one file system of a point (or one entry, if not a directory)."""
+
+    vm: str
+    checkpoint: str
+    disk: str
+    filesystem: str  # the device as libguestfs names it: /dev/sda (a whole disk), /dev/sda1
+    fstype: str  # ext4, xfs, vfat, …
+    path: str  # the path listed, absolute in the guest's file system
+    type: str  # what path is: dir (entries are its contents) or another type (entries is itself)
+    entries: tuple[FileEntry, ...]  # by name
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractResult(Result):
+    """``extract``: files and trees of a point's file system copied out."""
+
+    vm: str
+    checkpoint: str
+    disk: str
+    filesystem: str  # the device as libguestfs names it: /dev/sda (a whole disk), /dev/sda1
+    fstype: str
+    output: str
+    written: tuple[str, ...]  # where each path named went: output/<name> (output itself for /)
+    files: int  # regular files copied
+    directories: int
+    symlinks: int  # recreated as symlinks, never followed
+    bytes: int  # of the regular files
+    skipped: tuple[str, ...]  # device nodes, fifos and sockets: not copied (guest paths)
+    seconds: float  # the whole extract, the appliance's start included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +324,7 @@ class VerifyResult(Result):
     repo: str
     ok: bool
     points: tuple[VerifiedPoint, ...]
+    in_use: tuple[InstantUse, ...] = ()  # instant domains reading the points (restore --instant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,3 +383,23 @@ class RunReport(Result):
     exit_code: int  # 0; the one VM's code; 10: some of several VMs failed; 128+N: signal N
     vms: tuple[VmRun, ...]  # in the order they were chosen
     warnings: tuple[str, ...] = ()  # e.g. a policy that names no VM
+
+
+@dataclasses.dataclass(frozen=True)
+class CopiedPoint(Result):
+    vm: str
+    checkpoint: str
+    state: str  # copied | present (the bucket had it) | would copy (dry run)
+    bytes: int  # the point's files, as stored locally
+    bytes_sent: int  # what went up (resumed parts and objects already there are not sent)
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyResult(Result):
+    """``copy``: points sent to a bucket, oldest first."""
+
+    repo: str
+    to: str  # s3://BUCKET/PREFIX
+    dry_run: bool
+    points: tuple[CopiedPoint, ...]
+    bytes_sent: int

@@ -33,6 +33,7 @@ class RunContext:
     freezer: object | None = None  # quiesce.Freezer: the guest frozen around backupBegin
     net: object | None = None  # netexport.NetExport: the export is on TCP
     remote: bool = False  # libvirt runs on another host (the scratch images are there)
+    compress: bool = False  # pull: the images' clusters compressed (``target.CompressedQcow2Target``)
 
     @property
     def plan(self) -> BackupPlan:
@@ -117,3 +118,4 @@ class DiskResult:
     block: int
     algorithm: str
     sums_format: int = sums.SPARSE
+    compression: str | None = None  # zstd | zlib: the image's clusters are compressed

@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from . import checksum, engine, imagefile, qcow2, qcow2map, records
+from . import checksum, engine, imagefile, instantrec, qcow2, qcow2map, records
 from .errors import Error, NotFound
 from .manifest import Manifest, Point, PointDisk
 from .repo import Repository
-from .results import VerifiedDisk, VerifiedPoint, VerifyResult
+from .results import InstantUse, VerifiedDisk, VerifiedPoint, VerifyResult
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,35 @@ class _Verifier:
             self.layers[pd.image] = self._check(pd)
         return self.layers[pd.image]
 
-    def _check(self, pd: PointDisk) -> _Layer:
-        vm = self.m.vm
-        path = self.repository.image(vm, pd.image)
+    # -- where the layers are read from (a bucket repository overrides these) -----------------
+    def _where(self, pd: PointDisk) -> str:
+        return str(self.repository.image(self.m.vm, pd.image))
+
+    def _header(self, pd: PointDisk) -> tuple[int, str | None] | None:
+        """(virtual size, backing file) from the image's header; None when it is missing."""
+        path = self.repository.image(self.m.vm, pd.image)
         if not path.is_file():
-            return _Layer([f"image {path} is missing"])
+            return None
+        with open(path, "rb") as f:
+            return qcow2map.read_header(f.read(qcow2.CLUSTER))
+
+    def _open_sums(self, pd: PointDisk):
+        return self.repository.open_sums(self.m.vm, pd)
+
+    def _own_source(self, pd: PointDisk, own_layer: bool):
+        return imagefile.FileSource(self._where(pd), pd.size, own_layer=own_layer)
+
+    def _check(self, pd: PointDisk) -> _Layer:
+        path = self._where(pd)
         try:
-            with open(path, "rb") as f:
-                size, backing = qcow2map.read_header(f.read(qcow2.CLUSTER))
+            header = self._header(pd)
         except (OSError, ValueError) as e:
             return _Layer([f"image {path} cannot be read: {getattr(e, 'strerror', None) or e}"])
+        except Error as e:
+            return _Layer([f"image {path} cannot be read: {e.message}"])
+        if header is None:
+            return _Layer([f"image {path} is missing"])
+        size, backing = header
         want = self.repository.backing_name(pd.backing) if pd.backing else None
         if backing != want:
             return _Layer([f"image {path} has backing file {backing!r}, expected {want!r}"])
@@ -133,14 +152,14 @@ class _Verifier:
         files = []
         try:
             try:
-                f, stored = self.repository.open_sums(vm, pd)
+                f, stored = self._open_sums(pd)
             except Error as e:
                 return _Layer([e.message])
             files.append(f)
             parent_records = None
             if parent is not None:
                 try:
-                    pf, parent_records = self.repository.open_sums(vm, parent)
+                    pf, parent_records = self._open_sums(parent)
                 except Error:
                     return _Layer([f"cannot be checked: the checksums of {parent.image} are damaged"])
                 files.append(pf)
@@ -148,7 +167,7 @@ class _Verifier:
             hasher = checksum.BlockHasher(pd.size, parent=parent_records, parent_size=parent.size if parent else None,
                                           block=pd.block_size, algorithm_name=pd.checksum, sink=compare.produced,
                                           sink_raw=compare.produced_raw)
-            with imagefile.FileSource(str(path), pd.size, own_layer=parent is not None) as src:
+            with self._own_source(pd, parent is not None) as src:
                 engine.copy(src, engine.Discard(pd.size, reads_as_zero=parent is None), observer=hasher)
             hasher.done()
             compare.finish()
@@ -180,4 +199,7 @@ def verify(vm: str, *, repo: str, checkpoint: str | None = None) -> VerifyResult
     for p in points:
         disks = {name: v.disk(pd) for name, pd in p.disks.items()}
         out.append(VerifiedPoint(p.checkpoint, all(d.ok for d in disks.values()), disks))
-    return VerifyResult(vm, str(repository.root), all(p.ok for p in out), tuple(out))
+    # Points an instant VM reads (served read-only by qemu-nbd): verified like the others, and
+    # named, since prune keeps them until that VM is finalized.
+    in_use = tuple(InstantUse(r.name, r.checkpoint, r.points) for r in instantrec.in_use(repository, vm))
+    return VerifyResult(vm, str(repository.root), all(p.ok for p in out), tuple(out), in_use)

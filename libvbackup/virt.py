@@ -235,6 +235,33 @@ class Domain:
                 raise LibvirtError(f"the backup job of VM {self.name!r} did not end within {wait:.0f} s")
             time.sleep(0.01)
 
+    def metadata(self, namespace: str) -> str | None:
+        """Our element in the domain's persistent <metadata> (``namespace``), None if none."""
+        try:
+            return self._retry("metadata", libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace,
+                               libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return None
+            raise LibvirtError(f"cannot read the metadata of VM {self.name!r}: {_msg(e)}") from e
+
+    def set_metadata(self, xml: str, key: str, namespace: str) -> None:
+        """Replace our <metadata> element, in the definition and (running) the live domain."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if self.is_running() else 0)
+        try:
+            self._retry("setMetadata", libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, namespace, flags)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"cannot write the metadata of VM {self.name!r}: {_msg(e)}") from e
+
+    def block_pull(self, disk: str) -> None:
+        """Start copying everything the disk's backing chain provides into its top image (a block
+        job that ends by itself: the image then has no backing file)."""
+        self._call(f"start the block pull of disk {disk}", "blockPull", disk, 0, 0)
+
+    def block_job(self, disk: str) -> dict:
+        """The disk's block job (``cur``, ``end`` bytes), {} when it has none (any more)."""
+        return self._call(f"read the block job of disk {disk}", "blockJobInfo", disk, 0) or {}
+
     def _call(self, what: str, fn_name: str, *args):
         try:
             return self._retry(fn_name, *args)

@@ -20,6 +20,9 @@ Remote (--modes remote): `libvbackup pull` (full) of the VM from a remote libvir
 private sshd on 127.0.0.1 to this host's libvirtd, test PKI) with the NBD export over TCP and TLS, and
 over plain TCP (--no-tls), against the same pull over the local unix socket, alternating; MiB/s of data
 and the ratios to local.
+Compress (--modes compress): full `libvbackup pull` with and without --compress, alternating, of
+a 1 GiB disk holding 512 MiB of text-like data (words and numbers) and 64 MiB of random data:
+seconds, MiB/s of data, bytes stored (the image's file size) and the ratio.
 """
 
 from __future__ import annotations
@@ -364,6 +367,69 @@ def bench_chain(args, work: pathlib.Path, scratch: pathlib.Path, rng: random.Ran
             "setup_seconds": setup, "repo_bytes_on_disk": stored, "repo_bytes_copied": copied}
 
 
+def text_like(rng: random.Random, n: int) -> bytes:
+    """Words and numbers in lines: about what logs and source text compress to (zstd ~3:1)."""
+    words = [b"backup", b"checkpoint", b"qcow2", b"cluster", b"guest", b"libvirt", b"the", b"of", b"\n",
+             b"error", b"info", b"request", b"completed", b"2026-11-24T10:00:00Z"]
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choice(words) + str(rng.randrange(100000)).encode() for _ in range(64)) + b"\n"
+    return bytes(out[:n])
+
+
+def bench_compress(args, work: pathlib.Path, opts: dict, rng: random.Random, add, log) -> dict:
+    """Full pull with and without --compress of the same disk, alternating."""
+    disk_mib, text_mib, random_mib = 1024, 512, 64
+    vm = lab.LabVM([(disk_mib * MiB, "qcow2")], name="lvb-bench-compress", track=False)
+    lab.remove_domain(vm.conn, vm.name)
+    stored: dict[str, list[int]] = {}
+    try:
+        vm.create_images()
+        chunk = work / "text.bin"
+        chunk.write_bytes(text_like(rng, 64 * MiB))
+        rnd = work / "random.bin"
+        rnd.write_bytes(rng.randbytes(random_mib * MiB))
+        cmds = []
+        for i in range(text_mib // 64):  # spread with holes between the pieces
+            cmds += ["-c", f"write -s {chunk} {i * 96 * MiB + 4096} {64 * MiB}"]
+        cmds += ["-c", f"write -s {rnd} {(disk_mib - random_mib - 8) * MiB} {random_mib * MiB}"]
+        subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(vm.disks[0].path)], check=True, capture_output=True)
+        chunk.unlink()
+        rnd.unlink()
+        vm.start(images_ready=True)
+        log(f"bench: compress: {text_mib} MiB of text-like data and {random_mib} MiB of random data on a "
+            f"{disk_mib} MiB disk")
+
+        def full(key: str, r: int, extra: list[str]):
+            repo = work / f"{key}{r}"
+            repo.mkdir(mode=0o700)
+            got = timed([CLI, "pull", vm.name, "--repo", str(repo), "--checkpoint", f"{key}{r}", *opts["pull"], *extra])
+            stored.setdefault(key, []).append(sum(p.stat().st_size for p in (repo / vm.name).glob("*/*.qcow2")))
+            shutil.rmtree(repo)
+            return got
+
+        for r in range(args.rounds):
+            log(f"bench: compress: round {r + 1}/{args.rounds}")
+            alternate(r, [("compress_off", lambda: full("compress_off", r, [])),
+                          ("compress_on", lambda: full("compress_on", r, ["--compress"]))], add)
+            delete_checkpoints(vm)
+    finally:
+        destroy_vm(vm)
+    return {"disk_bytes": disk_mib * MiB, "data_bytes": (text_mib + random_mib) * MiB,
+            "stored_bytes": {k: max(v) for k, v in stored.items()}}
+
+
+def print_compress(comp: dict, med: dict, rss: dict, ratios: dict) -> None:
+    data = comp["data_bytes"]
+    print(f"compress: {data / MiB:.0f} MiB of data (7/8 text-like, 1/8 random) on a {comp['disk_bytes'] / MiB:.0f} "
+          "MiB disk, full pull")
+    for k in ("compress_off", "compress_on"):
+        print(f"  {k:<22} {med[k]:8.3f} s   {data / MiB / med[k]:7.1f} MiB/s   stored "
+              f"{comp['stored_bytes'][k] / MiB:8.1f} MiB   peak RSS {rss[k] / 1024:7.1f} MiB")
+    print(f"  stored_ratio (off / on) {ratios['compress_stored_ratio']:6.2f}   time ratio (on / off) "
+          f"{ratios['compress_time_ratio']:6.2f}")
+
+
 REMOTE_RUNS = (("remote_local", "local libvirt, unix socket"),
                ("remote_tls", "remote, NBD over TCP + TLS"),
                ("remote_tcp", "remote, NBD over plain TCP"))
@@ -433,7 +499,7 @@ GOALS = {  # README, section Performance
     **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
 BIG_RSS_GOAL_MIB = 256
-MODES = ("pull", "push", "big", "chain", "remote")
+MODES = ("pull", "push", "big", "chain", "remote", "compress")
 DEFAULT_MODES = ("pull", "push")
 
 
@@ -490,7 +556,8 @@ def main() -> int:
                     help=f"comma-separated: {', '.join(MODES)} [default: {','.join(DEFAULT_MODES)}]; big: a thin "
                          "16 TiB disk against a 4 GiB one with the same data; chain: verify of a 60-point chain "
                          "against restore of its newest point; remote: full pull from a remote libvirt (qemu+ssh, NBD "
-                         "over TLS and plain TCP) against the local unix socket")
+                         "over TLS and plain TCP) against the local unix socket; compress: full pull with and without "
+                         "--compress of text-like data")
     ap.add_argument("--big-tib", type=int, default=16, help="size of the big mode's thin disk [default: 16]")
     ap.add_argument("--chain-points", type=int, default=60, help="points of the chain mode [default: 60]")
     ap.add_argument("--json", action="store_true")
@@ -515,7 +582,7 @@ def main() -> int:
     work = None
     res: dict[str, list] = {}
     dirty_bytes = push_dirty_bytes = 0
-    big = chain = None
+    big = chain = comp = None
     sshd = rem = None
     remote_copied: dict[str, list[int]] = {}
 
@@ -614,6 +681,8 @@ def main() -> int:
             big = bench_big(args, work, opts, rng, add, log)
         if "chain" in modes:
             chain = bench_chain(args, work, scratch, rng, add, log)
+        if "compress" in modes:
+            comp = bench_compress(args, work, opts, rng, add, log)
     finally:
         try:
             if sshd is not None:
@@ -658,6 +727,9 @@ def main() -> int:
         ratios.update({f"big_{c}_vs_small": med[f"big_{c}_big"] / med[f"big_{c}_small"] for c, _ in BIG_COMMANDS})
     if chain is not None:
         ratios["chain_verify_vs_restore"] = med["chain_verify"] / med["chain_restore_raw"]
+    if comp is not None:
+        ratios["compress_stored_ratio"] = comp["stored_bytes"]["compress_off"] / comp["stored_bytes"]["compress_on"]
+        ratios["compress_time_ratio"] = med["compress_on"] / med["compress_off"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {platform.release()}",
@@ -674,6 +746,8 @@ def main() -> int:
         report["chain"] = {**chain, "goal": "chain_verify_vs_restore about 1"}
     if rem is not None:
         report["remote"] = rem
+    if comp is not None:
+        report["compress"] = comp
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -686,10 +760,10 @@ def main() -> int:
     if modes & {"pull", "push"}:
         print(f"{args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 disk")
         for k in med:
-            if not k.startswith(("big_", "chain_", "remote_")):
+            if not k.startswith(("big_", "chain_", "remote_", "compress_")):
                 print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB")
         for k, v in ratios.items():
-            if not k.startswith(("big_", "chain_", "remote_")):
+            if not k.startswith(("big_", "chain_", "remote_", "compress_")):
                 goal = f"   goal <= {GOALS[k]:.2f}" if k in GOALS else ""
                 print(f"  {k:<48} {v:6.2f}{goal}")
     if rem is not None:
@@ -698,6 +772,8 @@ def main() -> int:
         print_big(args, big, med, rss, ratios)
     if chain is not None:
         print_chain(chain, med, rss, ratios)
+    if comp is not None:
+        print_compress(comp, med, rss, ratios)
     return 0
 
 

@@ -16,6 +16,10 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # tests.lab.ensure_libvirtd gives libvirtd the test PKI for backup exports over TLS (qemu.conf).
 os.environ["LVB_TEST_TLS"] = "1"
+# libguestfs (files, extract): KVM is visible to root here but QEMU aborts on it ("failed to set
+# MSR 0x10a"); its direct backend with TCG works. The test environment's, not the tool's defaults.
+os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
 
 
 def _need_lab():
@@ -110,6 +114,20 @@ def sshd():
         server = Sshd()
     except Exception as e:  # noqa: BLE001 - reported below
         _lab_problem(f"cannot start the test sshd: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3server():
+    """A real S3 server on loopback for the session (tests.s3.SeaweedFS, about 4 s to start):
+    ``s3server.endpoint``, ``.bucket(name)``, ``.env()`` for a libvbackup process."""
+    try:
+        from tests.s3 import SeaweedFS
+
+        server = SeaweedFS().start()
+    except Exception as e:  # noqa: BLE001 - reported below
+        _lab_problem(f"cannot start the S3 server: {e}")
     yield server
     server.stop()
 

@@ -20,6 +20,22 @@ UriOpt = typer.Option(
     None, "--uri", "-c", metavar="URI",
     help="libvirt connection URI [default: $LIBVIRT_DEFAULT_URI, else qemu:///system].",
 )
+KeyFileOpt = typer.Option(
+    None, "--key-file", metavar="FILE", envvar="LIBVBACKUP_KEY_FILE",
+    help="s3:// only: the key that encrypts (and opens) what is stored in the bucket, 32+ secret "
+         "bytes, mode 0600 [default: $LIBVBACKUP_KEY_FILE]. Make one: (umask 077; head -c 32 "
+         "/dev/urandom > FILE). Keep a copy off the host: without it the bucket cannot be read.",
+)
+S3EndpointOpt = typer.Option(
+    None, "--s3-endpoint", metavar="URL",
+    help="s3:// only: the S3 endpoint, e.g. https://rgw.example:8443 [default: $AWS_ENDPOINT_URL, else AWS]. "
+         "Credentials as boto3 finds them ($AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, "
+         "$AWS_PROFILE), never on the command line.",
+)
+NoEncryptOpt = typer.Option(
+    False, "--no-encrypt",
+    help="s3:// only: store (or read) points in the clear, as plain qcow2 objects (refused by default).",
+)
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
 ProgressOpt = typer.Option(
     "auto", "--progress", metavar="auto|bar|plain|json|none",

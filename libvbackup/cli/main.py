@@ -16,6 +16,9 @@ from .. import __version__
 from ..errors import EXIT_CODES, Error
 from ..results import FORMAT_VERSION
 from . import completion_cmd, lifecycle_cmds, list_cmd, map_cmd, prune, pull, push, restore, run_cmd, verify
+from . import finalize_cmd
+from . import extract_cmd, files_cmd
+from . import copy_cmd
 
 EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES) + (
     "\n\nWith --json, an error is also one JSON object on stdout: "
@@ -110,6 +113,10 @@ for _fn in (lifecycle_cmds.checkpoints, lifecycle_cmds.status, lifecycle_cmds.ab
 
 app.command("completion", help=completion_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(completion_cmd.completion))
 app.command("map", help=map_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(map_cmd.map_))
+app.command("copy", help=copy_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(copy_cmd.copy))
+app.command("finalize", help=finalize_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(finalize_cmd.finalize))
+app.command("files", help=files_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(files_cmd.files))
+app.command("extract", help=extract_cmd.__doc__, epilog=EPILOG)(errors_to_exit_codes(extract_cmd.extract))
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from typing import Optional
 import typer
 
 from .. import api
-from .common import JsonOpt, RepoOpt, UriOpt, complete_vm, emit_json, repo_path
+from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, RepoOpt, UriOpt, complete_vm, emit_json, repo_path
 
 
 def _keep(name: str, what: str, *aliases: str) -> typer.models.OptionInfo:
@@ -50,10 +50,14 @@ def prune(
     repo: Optional[str] = RepoOpt,
     uri: Optional[str] = UriOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be kept (and why), rebased and removed."),
+    key_file: Optional[str] = KeyFileOpt,
+    s3_endpoint: Optional[str] = S3EndpointOpt,
+    no_encrypt: bool = NoEncryptOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     r = api.prune(vm, repo=repo_path(repo), keep_last=last, keep_daily=daily, keep_weekly=weekly,
-                  keep_monthly=monthly, keep_yearly=yearly, uri=uri, dry_run=dry_run)
+                  keep_monthly=monthly, keep_yearly=yearly, uri=uri, dry_run=dry_run,
+                  key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
     if json_out:
         emit_json(r.to_dict())
         return

@@ -105,6 +105,11 @@ def backup_command(mode: str, doc: str):
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Print the plan and the XML that would be passed to libvirt; start nothing.",
         ),
+        compress: bool = typer.Option(
+            False, "--compress",
+            help="Pull: compress the image's clusters (zstd, else zlib), each on its own; what does not "
+                 "compress is stored as it is. Costs CPU (about 190 MiB/s per core here), saves room.",
+        ),
         progress: str = ProgressOpt,
         jobs: Optional[int] = typer.Option(
             None, "--jobs", "-j", metavar="N", help="With several VMs (or --all): how many at once [default: 2].",
@@ -117,12 +122,12 @@ def backup_command(mode: str, doc: str):
                             scratch_dir=scratch_dir, uri=uri, dry_run=dry_run, json_out=json_out, quiesce=quiesce,
                             per_vm=dict(incremental=incremental, checkpoint=checkpoint, disk=disk, exclude=exclude,
                                         scratch_limit=scratch_limit, nbd_address=nbd_address, nbd_port=nbd_port,
-                                        tls_dir=tls_dir, no_tls=no_tls))
+                                        tls_dir=tls_dir, no_tls=no_tls, compress=compress))
         vm = vms[0]
         run(mode=mode, vm=vm, repo=repo, incremental=incremental, level=level, checkpoint=checkpoint,
             disk=disk, exclude=exclude, scratch_dir=scratch_dir, scratch_limit=scratch_limit, uri=uri,
             dry_run=dry_run, progress=progress, json_out=json_out, quiesce=quiesce, nbd_address=nbd_address,
-            nbd_port=nbd_port, tls_dir=tls_dir, no_tls=no_tls)
+            nbd_port=nbd_port, tls_dir=tls_dir, no_tls=no_tls, compress=compress)
 
     command.__doc__ = doc
     command.__name__ = mode
@@ -133,7 +138,7 @@ pull = backup_command("pull", __doc__)
 
 PER_VM = {"incremental": "--incremental", "checkpoint": "--checkpoint", "disk": "--disk", "exclude": "--exclude",
           "scratch_limit": "--scratch-limit", "nbd_address": "--nbd-address", "nbd_port": "--nbd-port",
-          "tls_dir": "--tls-dir", "no_tls": "--no-tls"}
+          "tls_dir": "--tls-dir", "no_tls": "--no-tls", "compress": "--compress"}
 
 
 def run_many(*, mode: str, vms: list[str], all_vms: bool, jobs, repo, level, scratch_dir, uri, dry_run, json_out,
@@ -151,14 +156,18 @@ def run_many(*, mode: str, vms: list[str], all_vms: bool, jobs, repo, level, scr
 
 def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclude, scratch_dir,
         scratch_limit, uri, dry_run, progress, json_out, quiesce="auto", nbd_address=None, nbd_port=None,
-        tls_dir=None, no_tls=False) -> None:
+        tls_dir=None, no_tls=False, compress=False) -> None:
     """Shared by pull and push: options to keyword arguments, the result to text or JSON."""
     op = api.pull if mode == "pull" else api.push
+    if compress and mode != "pull":
+        raise UsageError("--compress is for pull backups: in push mode QEMU writes the images",
+                         "use pull, or compress a point later with qemu-img convert -c")
+    extra = {"compress": True} if compress else {}
     result = op(vm, repo=repo_path(repo), uri=uri, checkpoint=checkpoint, incremental=incremental, level=level,
                 disks=as_list(disk), exclude=as_list(exclude), scratch_dir=scratch_dir, dry_run=dry_run,
                 progress=progress_mode(progress, json_out),
                 scratch_limit=parse_size(scratch_limit) if scratch_limit else None, quiesce=quiesce,
-                nbd_address=nbd_address, nbd_port=nbd_port, tls_dir=tls_dir, tls=not no_tls)
+                nbd_address=nbd_address, nbd_port=nbd_port, tls_dir=tls_dir, tls=not no_tls, **extra)
     if quiesce == "auto" and not dry_run and result.consistency == "crash":
         typer.echo(f"libvbackup: warning: the point is crash-consistent only: {result.consistency_note}", err=True)
     if json_out:
@@ -191,4 +200,7 @@ def run(*, mode: str, vm: str, repo, incremental, level, checkpoint, disk, exclu
         typer.echo(f"  crash-consistent: {result.consistency_note}")
     for d in result.disks.values():
         note = f"  [{d.mode}: {d.reason}]" if d.reason else f"  [{d.mode}]"
-        typer.echo(f"  {d.name}: {human(d.bytes_copied)} copied, {human(d.bytes_zeroed)} zeroed -> {d.image}{note}")
+        stored = (f", {human(d.stored_bytes)} stored ({d.compression})" if d.compression and d.stored_bytes is not None
+                  else "")
+        typer.echo(f"  {d.name}: {human(d.bytes_copied)} copied, {human(d.bytes_zeroed)} zeroed{stored} -> "
+                   f"{d.image}{note}")

@@ -19,7 +19,7 @@ import typer
 
 from ..errors import VerifyError
 from .. import api
-from .common import JsonOpt, RepoOpt, complete_checkpoint, complete_vm, emit_json, repo_path
+from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, RepoOpt, complete_checkpoint, complete_vm, emit_json, repo_path
 
 
 def verify(
@@ -30,9 +30,13 @@ def verify(
         None, "--checkpoint", metavar="NAME", autocompletion=complete_checkpoint,
         help="Verify only this point [default: every point].",
     ),
+    key_file: Optional[str] = KeyFileOpt,
+    s3_endpoint: Optional[str] = S3EndpointOpt,
+    no_encrypt: bool = NoEncryptOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    result = api.verify(vm, repo=repo_path(repo), checkpoint=checkpoint)
+    result = api.verify(vm, repo=repo_path(repo), checkpoint=checkpoint, key_file=key_file,
+                        s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
     if json_out:
         emit_json(result.to_dict())
     else:
@@ -41,6 +45,9 @@ def verify(
             for name, d in p.disks.items():
                 for problem in d.problems:
                     typer.echo(f"  {name}: {problem}")
+        for u in result.in_use:
+            typer.echo(f"in use by instant VM {u.name} (restore --instant of {u.checkpoint}): {', '.join(u.points)}; "
+                       f"prune keeps them until 'libvbackup finalize {u.name}'")
     bad = [p.checkpoint for p in result.points if not p.ok]
     if bad:
         raise VerifyError(f"{len(bad)} point(s) failed verification: {', '.join(bad)}")

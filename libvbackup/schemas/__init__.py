@@ -31,13 +31,17 @@ COMMANDS: dict[str, tuple[type, ...]] = {
     "pull": (r.BackupResult,),
     "push": (r.BackupResult,),
     "list": (r.ListResult,),
-    "restore": (r.RestoreResult, r.DefinedResult, r.InPlaceResult),
+    "restore": (r.RestoreResult, r.DefinedResult, r.InPlaceResult, r.InstantResult),
     "verify": (r.VerifyResult,),
     "prune": (r.PruneResult,),
     "checkpoints": (r.CheckpointsResult,),
     "status": (r.StatusResult,),
     "abort": (r.AbortResult,),
     "map": (r.MapResult,),
+    "finalize": (r.FinalizeResult,),
+    "copy": (r.CopyResult,),
+    "files": (r.FilesResult,),
+    "extract": (r.ExtractResult,),
 }
 if hasattr(r, "RunReport"):
     COMMANDS["run"] = (r.RunReport,)

@@ -11,7 +11,8 @@ import pytest
 
 from libvbackup.errors import EXIT_CODES
 
-COMMANDS = ["pull", "push", "list", "restore", "verify", "prune", "checkpoints", "status", "abort", "completion", "run", "map"]
+COMMANDS = ["pull", "push", "list", "restore", "verify", "prune", "checkpoints", "status", "abort", "completion", "run", "map", "finalize",
+            "files", "extract"]
 
 
 def _help(*args: str) -> str:

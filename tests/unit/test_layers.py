@@ -74,6 +74,8 @@ def test_only_nbdio_imports_nbd_and_only_virt_imports_libvirt():
             assert f.stem == "nbdio", f
         if outside & {"libvirt", "libvirt_qemu"}:
             assert f.stem == "virt", f
+        if "guestfs" in outside:
+            assert f.stem == "guestfiles", f
 
 
 def test_reading_a_manifest_loads_no_digest_extension():

@@ -1,0 +1,351 @@
+"""A repository in a bucket: the layout of points as objects, their keys, reads and uploads.
+
+::
+
+    s3://BUCKET/PREFIX/
+      libvbackup.json               the header (plain JSON): format, encryption scheme, frame size,
+                                    key id; written once, before anything else
+      <vm>/<checkpoint>/<disk>.qcow2   a point's image, sealed in frames (seal.py)
+      <vm>/<checkpoint>/<disk>.sums    its block digests, sealed the same way
+      <vm>/<checkpoint>.point          the point: its manifest record and the size and SHA-256 of
+                                    each file, sealed; written last, so a point is in the bucket
+                                    exactly when this object is
+
+Points are immutable, so an object that exists with the expected size is never sent again, and
+an unfinished multipart upload is resumed part by part (a part whose ETag matches the frame
+sealed again is kept). Object names carry VM, checkpoint and disk names, never guest data.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from . import manifest as mf, seal
+from .bucket import Bucket, Location
+from .errors import NotFound, RepositoryError, UsageError
+
+HEADER = "libvbackup.json"
+FORMAT = 1
+POINT_SUFFIX = ".point"
+THREADS = 4  # parts uploaded at once per file
+CACHE = 6  # frames kept by a reader
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StoredPoint:
+    point: mf.Point
+    files: dict[str, FileInfo]  # name relative to the VM: "<checkpoint>/<disk>.qcow2"
+
+
+def point_name(vm: str, checkpoint: str) -> str:
+    return f"{vm}/{checkpoint}{POINT_SUFFIX}"
+
+
+def file_name(vm: str, relpath: str) -> str:
+    return f"{vm}/{relpath}"
+
+
+def disk_files(pd: mf.PointDisk) -> tuple[str, str]:
+    """A point's image of one disk and its digests, relative to the VM (as the manifest names
+    the image; the digests beside it, as ``Repository.sums_path`` places them)."""
+    stem = pd.image[: -len(".qcow2")] if pd.image.endswith(".qcow2") else pd.image
+    return pd.image, stem + ".sums"
+
+
+def point_files(point: mf.Point) -> list[str]:
+    """The files a point is made of, relative to its VM."""
+    return [f for pd in point.disks.values() for f in disk_files(pd)]
+
+
+class Store:
+    """A bucket location opened with a key (or knowingly without one)."""
+
+    def __init__(self, bucket: Bucket, sealer, header: dict | None):
+        self.bucket = bucket
+        self.sealer = sealer
+        self.header = header  # None: the location holds no repository yet
+
+    @property
+    def url(self) -> str:
+        return self.bucket.location.url
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str, *, endpoint: str | None = None, key_file: str | None = None,
+             no_encrypt: bool = False, create: bool = False) -> "Store":
+        """Check the URL, the key and the bucket, in that order, before anything is read or
+        written; ``create``: a location without a header may become a repository."""
+        location = Location.parse(url)
+        if key_file and no_encrypt:
+            raise UsageError("--key-file and --no-encrypt exclude each other")
+        if not key_file and not no_encrypt:
+            raise UsageError(f"{url} needs a key: objects are encrypted on this host",
+                             "give --key-file FILE (or --no-encrypt to store them in the clear)")
+        sealer = seal.Plain() if no_encrypt else seal.Sealer(seal.read_key_file(key_file))
+        bucket = Bucket(location, endpoint)
+        bucket.check()
+        header = cls._read_header(bucket)
+        if header is None and not create:
+            raise NotFound(f"{url} holds no libvbackup repository (no {HEADER})",
+                           "copy points there first with: libvbackup copy VM --to URL")
+        store = cls(bucket, sealer, header)
+        if header is not None:
+            store._check_key(header)
+        return store
+
+    @staticmethod
+    def _read_header(bucket: Bucket) -> dict | None:
+        try:
+            raw = bucket.get(HEADER)
+        except NotFound:
+            return None
+        try:
+            doc = json.loads(raw)
+            fmt = int(doc["format"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise RepositoryError(f"{bucket.location.url}/{HEADER} is not a libvbackup header") from e
+        if fmt > FORMAT:
+            raise RepositoryError(f"{bucket.location.url} was written by a newer libvbackup (format {fmt})",
+                                  "upgrade libvbackup")
+        if doc.get("frame") != seal.FRAME:
+            raise RepositoryError(f"{bucket.location.url} uses frames of {doc.get('frame')} bytes; "
+                                  f"this libvbackup reads {seal.FRAME}")
+        return doc
+
+    def _check_key(self, header: dict) -> None:
+        scheme = header.get("encryption")
+        if scheme == "none":
+            if self.sealer.encrypted:
+                raise UsageError(f"{self.url} holds unencrypted points; it cannot take encrypted ones",
+                                 "use --no-encrypt with it, or another prefix")
+            return
+        if scheme != seal.SCHEME:
+            raise RepositoryError(f"{self.url} uses encryption {scheme!r}, unknown to this libvbackup")
+        if not self.sealer.encrypted:
+            raise UsageError(f"{self.url} is encrypted; give its --key-file")
+        if header.get("key_id") != self.sealer.key_id:
+            raise UsageError(f"the key does not open {self.url} (its points were sealed with another key)",
+                             "give the key file this bucket was written with")
+
+    def ensure_header(self) -> None:
+        """Write the header of a new repository (the first write to the location)."""
+        if self.header is not None:
+            return
+        doc = {"format": FORMAT, "encryption": seal.SCHEME if self.sealer.encrypted else "none",
+               "frame": seal.FRAME, "key_id": self.sealer.key_id}
+        self.bucket.put(HEADER, (json.dumps(doc, indent=2) + "\n").encode())
+        self.header = doc
+
+    # -- points -------------------------------------------------------------------------------
+    def names(self, vm: str | None = None) -> dict[str, int]:
+        return self.bucket.list(f"{vm}/" if vm else "")
+
+    def vms(self) -> list[str]:
+        return sorted({n.split("/", 1)[0] for n in self.names() if n.endswith(POINT_SUFFIX) and "/" in n})
+
+    def point_names(self, vm: str, names: dict[str, int] | None = None) -> list[str]:
+        names = self.names(vm) if names is None else names
+        return [n[len(vm) + 1:-len(POINT_SUFFIX)] for n in names
+                if n.endswith(POINT_SUFFIX) and n.count("/") == 1]
+
+    def read_point(self, vm: str, checkpoint: str) -> tuple[StoredPoint, str | None]:
+        """A point object, opened and parsed; with the VM's UUID."""
+        name = point_name(vm, checkpoint)
+        raw = self.sealer.open(name, 0, 1, self.bucket.get(name))
+        try:
+            doc = json.loads(raw)
+            if doc.get("vm") != vm or doc["point"]["checkpoint"] != checkpoint:
+                raise ValueError("it names another point")
+            files = {k: FileInfo(int(v["size"]), str(v["sha256"])) for k, v in doc["files"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise RepositoryError(f"point object {self.url}/{name} is malformed: {e}") from e
+        point = mf.point_from_dict(doc["point"], f"{self.url}/{name}")
+        return StoredPoint(point, files), doc.get("uuid")
+
+    def manifest(self, vm: str) -> tuple[mf.Manifest, dict[str, StoredPoint]]:
+        """The VM's points in the bucket as a manifest (parents first), and their files."""
+        stored: dict[str, StoredPoint] = {}
+        uuid = None
+        for c in self.point_names(vm):
+            sp, uuid = self.read_point(vm, c)
+            stored[c] = sp
+        ordered = _parents_first(list(stored.values()))
+        doc = {"format": mf.FORMAT, "vm": vm, "uuid": uuid,
+               "points": [dataclasses.asdict(sp.point) for sp in ordered]}
+        return mf.loads(json.dumps(doc), f"{self.url}/{vm}"), stored
+
+    def write_point(self, vm: str, uuid: str | None, point: mf.Point, files: dict[str, FileInfo]) -> None:
+        doc = {"format": FORMAT, "vm": vm, "uuid": uuid, "point": dataclasses.asdict(point),
+               "files": {k: dataclasses.asdict(v) for k, v in files.items()}}
+        name = point_name(vm, point.checkpoint)
+        self.bucket.put(name, self.sealer.seal(name, 0, 1, json.dumps(doc).encode()))
+
+    # -- files --------------------------------------------------------------------------------
+    def reader(self, vm: str, relpath: str, size: int) -> "RemoteFile":
+        return RemoteFile(self, file_name(vm, relpath), size)
+
+    def upload(self, name: str, path: str, size: int, on_bytes: Callable[[int], None] = lambda n: None,
+               present: int | None = None) -> tuple[FileInfo, int]:
+        """Send a local file as object ``name`` unless it is there already (``present``: the
+        size the bucket lists for it). Returns its FileInfo and the bytes sent."""
+        count = seal.frames(size)
+        sealed_size = seal.sealed_size(size, self.sealer.encrypted)
+        with open(path, "rb") as f:
+            if present == sealed_size:
+                return FileInfo(size, _sha256_file(f, on_bytes)), 0
+            if count == 1:
+                data = f.read()
+                if len(data) != size:
+                    raise RepositoryError(f"{path} changed while it was copied")
+                on_bytes(size)
+                sealed = self.sealer.seal(name, 0, 1, data)
+                self.bucket.put(name, sealed)
+                return FileInfo(size, hashlib.sha256(data).hexdigest()), len(sealed)
+            return self._multipart(name, f, size, count, on_bytes)
+
+    def _multipart(self, name, f, size, count, on_bytes) -> tuple[FileInfo, int]:
+        uploads = self.bucket.uploads(name)
+        for stale in uploads[:-1]:
+            self.bucket.abort_upload(name, stale)
+        upload = uploads[-1] if uploads else self.bucket.start_upload(name)
+        have = self.bucket.parts(name, upload) if uploads else {}
+        digest = hashlib.sha256()
+        etags: list[str | None] = [None] * count
+        sent = [0]
+        lock = threading.Lock()
+        slots = threading.BoundedSemaphore(THREADS * 2)  # frames in memory: bounded
+
+        def part(i: int, data: bytes) -> None:
+            try:
+                sealed = self.sealer.seal(name, i, count, data)
+                old = have.get(i + 1)
+                if old and old[0] == len(sealed) and old[1] == hashlib.md5(sealed).hexdigest():
+                    etags[i] = old[1]
+                else:
+                    etags[i] = self.bucket.upload_part(name, upload, i + 1, sealed)
+                    with lock:
+                        sent[0] += len(sealed)
+                on_bytes(len(data))
+            finally:
+                slots.release()
+
+        with concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="s3-part") as pool:
+            futures = []
+            for i in range(count):
+                data = f.read(seal.FRAME)
+                if len(data) != min(seal.FRAME, size - i * seal.FRAME):
+                    raise RepositoryError(f"{f.name} changed while it was copied")
+                digest.update(data)
+                slots.acquire()
+                futures.append(pool.submit(part, i, data))
+                for fu in [x for x in futures if x.done()]:
+                    fu.result()  # the first failure stops the file
+            for fu in futures:
+                fu.result()
+        self.bucket.complete_upload(name, upload, etags)  # type: ignore[arg-type]
+        return FileInfo(size, digest.hexdigest()), sent[0]
+
+
+def _sha256_file(f, on_bytes) -> str:
+    h = hashlib.sha256()
+    while True:
+        block = f.read(seal.FRAME)
+        if not block:
+            return h.hexdigest()
+        h.update(block)
+        on_bytes(len(block))
+
+
+def _parents_first(points: list[StoredPoint]) -> list[StoredPoint]:
+    by = {sp.point.checkpoint: sp for sp in points}
+    out: list[StoredPoint] = []
+    done: set[str] = set()
+
+    def visit(sp: StoredPoint, depth: int = 0) -> None:
+        c = sp.point.checkpoint
+        if c in done or depth > len(by):
+            return
+        parent = sp.point.parent
+        if parent in by:
+            visit(by[parent], depth + 1)
+        done.add(c)
+        out.append(sp)
+
+    for sp in sorted(points, key=lambda s: (s.point.completed, s.point.checkpoint)):
+        visit(sp)
+    return out
+
+
+class RemoteFile:
+    """A file of the bucket read by ranges: each frame fetched once (a few kept), opened (a
+    changed frame is a ``seal.Tampered``), the next ones fetched ahead."""
+
+    def __init__(self, store: Store, name: str, size: int):
+        self.store = store
+        self.name = name
+        self.size = size
+        self.count = seal.frames(size)
+        self._lock = threading.Lock()
+        self._frames: dict[int, concurrent.futures.Future] = {}
+        self._order: list[int] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="s3-read")
+        self.fetched: set[int] = set()
+
+    def _fetch(self, i: int) -> bytes:
+        enc = self.store.sealer.encrypted
+        start = seal.frame_span(i, enc)
+        plain_len = min(seal.FRAME, self.size - i * seal.FRAME)
+        end = start + plain_len + (seal.OVERHEAD if enc else 0)
+        raw = self.store.bucket.get(self.name, start, end) if end > start else b""
+        if len(raw) != end - start:
+            raise seal.Tampered(f"object {self.name} is truncated (frame {i} has {len(raw)} of {end - start} bytes)")
+        data = self.store.sealer.open(self.name, i, self.count, raw)
+        if len(data) != plain_len:
+            raise seal.Tampered(f"object {self.name} frame {i} has the wrong length")
+        self.fetched.add(i)
+        return data
+
+    def _future(self, i: int) -> concurrent.futures.Future:
+        with self._lock:
+            fu = self._frames.get(i)
+            if fu is None:
+                fu = self._frames[i] = self._pool.submit(self._fetch, i)
+                self._order.append(i)
+                while len(self._order) > CACHE:
+                    self._frames.pop(self._order.pop(0), None)
+            return fu
+
+    def frame(self, i: int) -> bytes:
+        fu = self._future(i)
+        if i + 1 < self.count:
+            self._future(i + 1)  # read ahead: restores go forward
+        return fu.result()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset + length > self.size:
+            length = max(0, self.size - offset)
+        out = bytearray()
+        while length > 0:
+            i = offset // seal.FRAME
+            at = offset - i * seal.FRAME
+            n = min(length, seal.FRAME - at)
+            out += self.frame(i)[at:at + n]
+            offset += n
+            length -= n
+        return bytes(out)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
