@@ -45,14 +45,11 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from . import backup as _backup, lifecycle as _lifecycle, prune as _prune, restore as _restore
-from . import config as _config, mapping as _mapping, runner as _runner, verify as _verify
-from . import instant as _instant, vmrestore as _vmrestore
-from . import guestfiles as _guestfiles
+# The operation modules are imported by the functions that use them: a command (or a program)
+# then loads only what its operation needs (README, "Where the time goes").
 from .results import ExtractResult, FilesResult
-from .mapping import Mapping
 from .errors import UsageError
 from .results import (AbortResult, BackupResult, CheckpointsResult, DefinedResult, InPlaceResult, ListResult,
                       ProgressEvent, PruneResult, RestoreResult, RunReport, StatusResult, VerifyResult, VmRun)
@@ -60,11 +57,22 @@ from .results import CopyResult, FinalizeResult, InstantResult
 from .progress import MODES
 from .retention import Policy
 
+if TYPE_CHECKING:
+    from .mapping import Mapping
+
 __all__ = ["pull", "push", "backup_many", "list_points", "restore", "verify", "prune", "run", "map_point", "checkpoints",
            "status", "abort", "files", "extract", "ProgressEvent", "Mapping",
            "finalize"]
 
 OnProgress = Callable[[ProgressEvent], None]
+
+
+def __getattr__(name: str):
+    if name == "Mapping":  # what map_point returns (its module loads only when asked for)
+        from .mapping import Mapping
+
+        return Mapping
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _progress(on_progress: OnProgress | None, progress: str) -> object:
@@ -101,6 +109,8 @@ def pull(vm: str, *, repo: str, uri: str | None = None, level: str | None = None
     ``compress``: the images' clusters compressed (zstd when python3-zstandard is installed, else
     zlib), each on its own; ``compression`` and ``stored_bytes`` of each disk of the result.
     """
+    from . import backup as _backup
+
     return _backup.backup(vm, mode="pull", repo=repo, uri=uri, checkpoint=checkpoint, incremental=incremental,
                           level=level, disks=disks, exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run,
                           progress=_progress(on_progress, progress), scratch_limit=scratch_limit, quiesce=quiesce,
@@ -116,6 +126,8 @@ def push(vm: str, *, repo: str, uri: str | None = None, level: str | None = None
     """Push-mode backup: QEMU writes each disk's image itself (into ``scratch_dir``, best on
     the repository's file system), then libvbackup checks and moves it into the repository.
     Same arguments and result as ``pull``."""
+    from . import backup as _backup
+
     return _backup.backup(vm, mode="push", repo=repo, uri=uri, checkpoint=checkpoint, incremental=incremental,
                           level=level, disks=disks, exclude=exclude, scratch_dir=scratch_dir, dry_run=dry_run,
                           progress=_progress(on_progress, progress), scratch_limit=scratch_limit, quiesce=quiesce,
@@ -140,6 +152,8 @@ def list_points(vm: str, *, repo: str, key_file: str | None = None, s3_endpoint:
 
         return s3repo.list_points(vm, repo=repo, endpoint=s3_endpoint, key_file=key_file, no_encrypt=no_encrypt)
     _local_only("list", key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
+    from . import restore as _restore
+
     return _restore.list_points(vm, repo=repo)
 
 
@@ -193,6 +207,8 @@ def restore(vm: str, *, repo: str, output: str | None = None, checkpoint: str | 
         return s3repo.restore(vm, repo=repo, output=output, checkpoint=checkpoint, fmt=format, disks=disks,
                               progress=progress, endpoint=s3_endpoint, key_file=key_file, no_encrypt=no_encrypt)
     _local_only("restore", key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
+    from . import instant as _instant, restore as _restore, vmrestore as _vmrestore
+
     if instant:
         if in_place or disks or format != "qcow2":
             raise UsageError("--instant takes none of --in-place, --disk, --format (the overlays are qcow2)")
@@ -225,6 +241,8 @@ def finalize(name: str, *, uri: str | None = None, on_progress: OnProgress | Non
     each disk's chain is pulled into its overlay while the VM runs (``virDomainBlockPull``; a
     shut-off VM: ``qemu-img rebase`` offline), then its NBD servers are stopped and its record
     removed, so that prune may remove the points it read."""
+    from . import instant as _instant
+
     return _instant.finalize(name, uri=uri, progress=_progress(on_progress, progress))
 
 
@@ -239,6 +257,8 @@ def verify(vm: str, *, repo: str, checkpoint: str | None = None, key_file: str |
         return s3repo.verify(vm, repo=repo, checkpoint=checkpoint, endpoint=s3_endpoint, key_file=key_file,
                              no_encrypt=no_encrypt)
     _local_only("verify", key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
+    from . import verify as _verify
+
     return _verify.verify(vm, repo=repo, checkpoint=checkpoint)
 
 
@@ -255,6 +275,8 @@ def prune(vm: str, *, repo: str, keep_last: int = 0, keep_daily: int = 0, keep_w
         return s3repo.prune(vm, repo=repo, keep=policy, dry_run=dry_run, endpoint=s3_endpoint, key_file=key_file,
                             no_encrypt=no_encrypt)
     _local_only("prune", key_file=key_file, s3_endpoint=s3_endpoint, no_encrypt=no_encrypt)
+    from . import prune as _prune
+
     return _prune.prune(vm, repo=repo, keep=policy, uri=uri, dry_run=dry_run)
 
 
@@ -267,6 +289,8 @@ def run(*, config: str | None = None, vms: Sequence[str] = (), jobs: int | None 
     code, or 10). ``on_vm`` receives each VM's result when it is done, from a worker thread.
     Raises only for a configuration that cannot run (UsageError, NotFound) or libvirt that cannot
     list its domains."""
+    from . import config as _config, runner as _runner
+
     return _runner.run_policies(_config.load(config), vms=list(vms) or None, jobs=jobs, dry_run=dry_run,
                                 on_event=on_vm)
 
@@ -277,6 +301,8 @@ def map_point(vm: str, *, repo: str, checkpoint: str | None = None, disk: str | 
     read-only over NBD, with its backing chain: a private unix socket, or TCP ``port`` on
     ``address`` (127.0.0.1; any other address needs ``tls_dir`` with a server certificate).
     Returns a ``Mapping`` (``.uri``, ``.result``): use it in a ``with`` or ``close()`` it."""
+    from . import mapping as _mapping
+
     return _mapping.map_point(vm, repo=repo, checkpoint=checkpoint, disk=disk, port=port, address=address,
                               tls_dir=tls_dir)
 
@@ -287,6 +313,8 @@ def files(vm: str, *, repo: str, checkpoint: str | None = None, disk: str | None
     point; ``disk`` needed when it has several; ``fs``, e.g. ``/dev/sda1``, when the disk holds
     several file systems), read-only through libguestfs; a path that is not a directory gives
     that entry alone. NotFound: no such path, or no file system on the disk."""
+    from . import guestfiles as _guestfiles
+
     return _guestfiles.files(vm, repo=repo, checkpoint=checkpoint, disk=disk, path=path, fs=fs)
 
 
@@ -295,9 +323,11 @@ def extract(vm: str, *, repo: str, paths: Sequence[str], output: str, checkpoint
             on_progress: OnProgress | None = None) -> ExtractResult:
     """Copy files and directory trees of a point's file system into ``output`` (created when
     missing): ``output/<name>`` per path (``/``: its contents into ``output``), modes, owners
-    and times kept, symlinks as symlinks, device nodes, fifos and sockets skipped (named in
+    and modification times kept, symlinks as symlinks, device nodes, fifos and sockets skipped (named in
     the result). Refuses to overwrite anything unless ``force``; on failure what it wrote is
     removed. Disk and file system chosen as for ``files``."""
+    from . import guestfiles as _guestfiles
+
     return _guestfiles.extract(vm, repo=repo, paths=paths, output=output, checkpoint=checkpoint, disk=disk, fs=fs,
                                force=force, progress=_progress(on_progress, progress))
 
@@ -309,6 +339,8 @@ def backup_many(vms: Sequence[str] = (), *, all_vms: bool = False, repo: str, mo
     """Back up several VMs at once (``vms``, or ``all_vms``: every domain of the libvirt at
     ``uri``), ``jobs`` at a time, each as ``pull``/``push`` would with these arguments; no
     pruning. One VM's failure never stops the others (see ``run`` for the report)."""
+    from . import config as _config, runner as _runner
+
     if bool(vms) == all_vms:
         raise UsageError("name the VMs to back up, or ask for all of them (--all), not both")
     settings = dict(repo=repo, scratch_dir=scratch_dir, uri=uri, mode=mode, level=level or "full", quiesce=quiesce)
@@ -319,15 +351,21 @@ def backup_many(vms: Sequence[str] = (), *, all_vms: bool = False, repo: str, mo
 
 def checkpoints(vm: str, *, repo: str, uri: str | None = None) -> CheckpointsResult:
     """libvirt's checkpoints of ``vm`` beside the repository's points, each with its owner."""
+    from . import lifecycle as _lifecycle
+
     return _lifecycle.checkpoints(vm, repo=repo, uri=uri)
 
 
 def status(vm: str, *, repo: str, uri: str | None = None) -> StatusResult:
     """The backup of ``vm`` running in ``repo`` (or dead, ``stale``), how far it is."""
+    from . import lifecycle as _lifecycle
+
     return _lifecycle.status(vm, repo=repo, uri=uri)
 
 
 def abort(vm: str, *, repo: str, uri: str | None = None) -> AbortResult:
     """Stop the running backup of ``vm`` (it aborts its job and cleans up), or finish the
     clean-up of one that died (a frozen guest is thawed first)."""
+    from . import lifecycle as _lifecycle
+
     return _lifecycle.abort(vm, repo=repo, uri=uri)

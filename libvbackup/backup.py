@@ -223,7 +223,7 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
     identities = _identities(dom, chosen)
     probe = checkpoints.Probe(dom, manifest, failed,
                               needed=lambda chk: needs_bitmap(manifest.get(chk), chosen, sizes, identities),
-                              validate=None if running else offline.validator(dom, manifest))
+                              validate=None if running else offline.validator(dom, manifest), names=seen[1])
     choice = choose_parent(manifest, level=req.level, incremental=req.incremental, unusable=probe.unusable)
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=probe.checkpoint_names, checkpoint=req.checkpoint,
                        incremental=choice.parent, prefix=repository.checkpoint_prefix, sizes=sizes,

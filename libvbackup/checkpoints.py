@@ -55,7 +55,7 @@ class Probe:
 
     def __init__(self, dom, manifest: Manifest, failed: dict[str, str] | None = None,
                  needed: Callable[[str], Collection[str]] | None = None,
-                 validate: Callable[[str], str | None] | None = None):
+                 validate: Callable[[str], str | None] | None = None, names: Collection[str] | None = None):
         self.dom = dom
         # A shut-off domain (offline.validator) has its images checked by us, even for a checkpoint
         # libvirt lost: libvirt 9.0 validates a running domain's bitmaps only.
@@ -64,7 +64,7 @@ class Probe:
         self.manifest = manifest
         self.failed = dict(failed or {})
         self.needed = needed
-        self.names = set(dom.checkpoint_names())
+        self.names = set(dom.checkpoint_names() if names is None else names)  # (the caller's own listing)
         self.needs_redefine: list[str] = []
         self._valid: dict[str, str | None] = {}
 

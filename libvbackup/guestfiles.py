@@ -12,9 +12,10 @@ names the disk ``/dev/sda``).
 Extraction walks the guest's tree itself rather than piping ``tar-out`` into a host tar: what a
 guest's file system holds is not trusted, and here nothing is ever written through a path that
 already exists, a guest symlink is recreated as a symlink and never followed, and device nodes,
-fifos and sockets are left out (named in the result). Modes, owners (numeric, when root),
-access and modification times are kept; hard links become separate files; extended attributes
-and ACLs are not copied.
+fifos and sockets are left out (named in the result). Modes, owners (numeric, when root) and
+modification times are kept (the access time is set to the modification time: guests mount
+with relatime or noatime); hard links become separate files; extended attributes and ACLs are
+not copied. Files are read with pread, holes left where a file reads as zeroes.
 
 Environment: libguestfs's own (``LIBGUESTFS_BACKEND``, ``LIBGUESTFS_BACKEND_SETTINGS``, …); on
 machines where QEMU cannot use KVM, ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``.
@@ -23,6 +24,7 @@ machines where QEMU cannot use KVM, ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pathlib
@@ -45,6 +47,8 @@ TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", sta
          stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
 # What libguestfs's list_filesystems calls a device that holds no file system it can mount.
 NOT_A_FS = frozenset({"unknown", "swap", ""})
+# Bytes per pread: libguestfs's messages are at most 4 MiB.
+CHUNK = 2 << 20
 
 
 def _one_line(e: BaseException) -> str:
@@ -70,26 +74,25 @@ class PointFS:
             raise ToolError(f"libguestfs: {what}: {_one_line(e)}") from e
 
     def entry(self, path: str) -> FileEntry:
-        """The entry at ``path`` itself (a symlink is not followed); NotFound if there is none."""
+        """The entry at ``path`` itself (a symlink is not followed, but symlinks to directories
+        above it are, inside the guest's file system); NotFound if there is none."""
         path = guest_path(path)
         if path == "/":
             st = self._call("lstat /", self.g.lstatns, "/")
             return _entry("/", "/", st, None)
         parent, name = posixpath.split(path)
-        found = self.listdir(parent, names=[name]) if self._is_dir(parent) else []
+        try:
+            real = self.g.realpath(parent)  # (resolved within the mounted file system)
+            found = self.listdir(real, names=[name]) if self.g.is_dir(real) else []
+        except RuntimeError:
+            found = []
         if not found:
             raise NotFound(f"{path}: no such file or directory in {self.where()}")
-        return found[0]
+        return dataclasses.replace(found[0], path=path)
 
-    def _is_dir(self, path: str) -> bool:
-        # is_dir follows symlinks: a directory in the path that is a link is not descended into.
-        if path == "/":
-            return True
-        parent, name = posixpath.split(path)
-        if not self._is_dir(parent):
-            return False
-        st = self._call(f"lstat {path}", self.g.lstatnslist, parent, [name])[0]
-        return st["st_ino"] != -1 and stat.S_ISDIR(st["st_mode"])
+    def resolve(self, path: str) -> str:
+        """``path`` with every symlink followed (within the guest's file system)."""
+        return self._call(f"realpath {path}", self.g.realpath, path)
 
     def listdir(self, path: str, names: Sequence[str] | None = None) -> list[FileEntry]:
         """The entries of directory ``path`` (or only ``names`` of them, those that exist), by name."""
@@ -103,8 +106,33 @@ class PointFS:
         return [_entry(n, posixpath.join(path, n), st, targets.get(n))
                 for n, st in zip(names, stats) if st["st_ino"] != -1]
 
-    def download(self, path: str, local: str) -> None:
-        self._call(f"download {path}", self.g.download, path, local)
+    def copy_file(self, entry: FileEntry, local: pathlib.Path, advance) -> None:
+        """The regular file ``entry`` into a new file ``local`` (never one that exists, never
+        through a symlink), holes where it reads as zeroes; ``advance(n)`` as bytes come."""
+        # pread rather than download: libguestfs's file transfer costs about 0.2 s per file here
+        # (TCG), a pread 1-2 ms plus 35 ms per 2 MiB.
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            offset = 0
+            while offset < entry.size:
+                data = self._call(f"read {entry.path}", self.g.pread, entry.path, CHUNK, offset)
+                if not data:
+                    break  # (shorter than lstat said: it cannot be, the disk is read-only)
+                if data.count(0) == len(data):
+                    os.lseek(fd, len(data), os.SEEK_CUR)
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                offset += len(data)
+                advance(len(data))
+            os.ftruncate(fd, offset)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(local)  # ours: O_EXCL made it
+            raise
+        finally:
+            os.close(fd)
 
 
 def guest_path(path: str) -> str:
@@ -200,9 +228,13 @@ def files(vm: str, *, repo: str, checkpoint: str | None = None, disk: str | None
           fs: str | None = None) -> FilesResult:
     """The entries of directory ``path`` of the point's file system (or the entry itself, when
     ``path`` is not a directory)."""
+    follow = path.endswith("/") and path.strip("/") != ""  # "link/" lists what it points to, as ls does
     path = guest_path(path)
     with _interruptible("files"), open_point(vm, repo=repo, checkpoint=checkpoint, disk=disk, fs=fs) as pfs:
         top = pfs.entry(path)
+        if follow and top.type == "symlink":
+            target = pfs.resolve(path)
+            top = dataclasses.replace(pfs.entry(target), path=path) if pfs.g.is_dir(target) else top
         entries = pfs.listdir(path) if top.type == "dir" else [top]
         return FilesResult(vm, pfs.checkpoint, pfs.disk, pfs.device, pfs.fstype, path, top.type, tuple(entries))
 
@@ -321,21 +353,15 @@ def extract(vm: str, *, repo: str, paths: Sequence[str], output: str, checkpoint
                         os.symlink(entry.target, dest)
                         _finish(entry, dest, root)
                     else:
-                        try:
-                            pfs.download(entry.path, str(dest))
-                        except BaseException:
-                            with contextlib.suppress(OSError):
-                                dest.unlink()
-                            raise
+                        pfs.copy_file(entry, dest, prog.callback(pfs.disk))
                         _finish(entry, dest, root)
-                        prog.advance(pfs.disk, entry.size)
                     counts[entry.type] += 1
                 for entry, dest in reversed(dirs):
                     _finish(entry, dest, root)
             return ExtractResult(vm, pfs.checkpoint, pfs.disk, pfs.device, pfs.fstype, str(out),
                                  tuple(str(d) for _gp, d in pairs), counts["file"], counts["dir"], counts["symlink"],
                                  plan.bytes, tuple(plan.skipped), round(time.monotonic() - started, 3))
-    except BaseException as e:
+    except BaseException:
         for dest in reversed(created):
             with contextlib.suppress(OSError):
                 shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else dest.unlink()

@@ -18,6 +18,7 @@ sealed again is kept). Object names carry VM, checkpoint and disk names, never g
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -34,20 +35,22 @@ from .errors import NotFound, RepositoryError, UsageError
 HEADER = "libvbackup.json"
 FORMAT = 1
 POINT_SUFFIX = ".point"
-THREADS = 4  # parts uploaded at once per file
-CACHE = 6  # frames kept by a reader
+THREADS = 4  # parts uploaded at once per file; frames fetched at once by readers
+CACHE = 8  # frames kept by the readers of one store (8 MiB each): memory does not grow with the chain
+AHEAD = 2  # frames a reader fetches ahead of the one it reads
 
 
 @dataclass(frozen=True)
 class FileInfo:
     size: int
-    sha256: str
+    sha256: str  # of the frames' SHA-256 digests in order (frame_digest): computed in parallel
 
 
 @dataclass(frozen=True)
 class StoredPoint:
     point: mf.Point
     files: dict[str, FileInfo]  # name relative to the VM: "<checkpoint>/<disk>.qcow2"
+    sequence: int = 0  # the order points reached the bucket in (completion times have seconds only)
 
 
 def point_name(vm: str, checkpoint: str) -> str:
@@ -77,6 +80,18 @@ class Store:
         self.bucket = bucket
         self.sealer = sealer
         self.header = header  # None: the location holds no repository yet
+        self._cache: FrameCache | None = None
+
+    @property
+    def cache(self) -> "FrameCache":
+        if self._cache is None:
+            self._cache = FrameCache(CACHE, THREADS)
+        return self._cache
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
 
     @property
     def url(self) -> str:
@@ -170,10 +185,11 @@ class Store:
             if doc.get("vm") != vm or doc["point"]["checkpoint"] != checkpoint:
                 raise ValueError("it names another point")
             files = {k: FileInfo(int(v["size"]), str(v["sha256"])) for k, v in doc["files"].items()}
+            sequence = int(doc.get("sequence", 0))
         except (ValueError, KeyError, TypeError) as e:
             raise RepositoryError(f"point object {self.url}/{name} is malformed: {e}") from e
         point = mf.point_from_dict(doc["point"], f"{self.url}/{name}")
-        return StoredPoint(point, files), doc.get("uuid")
+        return StoredPoint(point, files, sequence), doc.get("uuid")
 
     def manifest(self, vm: str) -> tuple[mf.Manifest, dict[str, StoredPoint]]:
         """The VM's points in the bucket as a manifest (parents first), and their files."""
@@ -187,8 +203,9 @@ class Store:
                "points": [dataclasses.asdict(sp.point) for sp in ordered]}
         return mf.loads(json.dumps(doc), f"{self.url}/{vm}"), stored
 
-    def write_point(self, vm: str, uuid: str | None, point: mf.Point, files: dict[str, FileInfo]) -> None:
-        doc = {"format": FORMAT, "vm": vm, "uuid": uuid, "point": dataclasses.asdict(point),
+    def write_point(self, vm: str, uuid: str | None, point: mf.Point, files: dict[str, FileInfo],
+                    sequence: int) -> None:
+        doc = {"format": FORMAT, "vm": vm, "uuid": uuid, "sequence": sequence, "point": dataclasses.asdict(point),
                "files": {k: dataclasses.asdict(v) for k, v in files.items()}}
         name = point_name(vm, point.checkpoint)
         self.bucket.put(name, self.sealer.seal(name, 0, 1, json.dumps(doc).encode()))
@@ -205,15 +222,16 @@ class Store:
         sealed_size = seal.sealed_size(size, self.sealer.encrypted)
         with open(path, "rb") as f:
             if present == sealed_size:
-                return FileInfo(size, _sha256_file(f, on_bytes)), 0
+                return FileInfo(size, _digest_file(f, on_bytes)), 0
             if count == 1:
                 data = f.read()
                 if len(data) != size:
                     raise RepositoryError(f"{path} changed while it was copied")
                 on_bytes(size)
-                sealed = self.sealer.seal(name, 0, 1, data)
+                digest = hashlib.sha256(data).digest()
+                sealed = self.sealer.seal(name, 0, 1, data, digest)
                 self.bucket.put(name, sealed)
-                return FileInfo(size, hashlib.sha256(data).hexdigest()), len(sealed)
+                return FileInfo(size, files_digest([digest])), len(sealed)
             return self._multipart(name, f, size, count, on_bytes)
 
     def _multipart(self, name, f, size, count, on_bytes) -> tuple[FileInfo, int]:
@@ -222,15 +240,16 @@ class Store:
             self.bucket.abort_upload(name, stale)
         upload = uploads[-1] if uploads else self.bucket.start_upload(name)
         have = self.bucket.parts(name, upload) if uploads else {}
-        digest = hashlib.sha256()
+        digests: list[bytes] = [b""] * count
         etags: list[str | None] = [None] * count
         sent = [0]
         lock = threading.Lock()
-        slots = threading.BoundedSemaphore(THREADS * 2)  # frames in memory: bounded
+        slots = threading.BoundedSemaphore(THREADS + 1)  # frames in memory: bounded
 
         def part(i: int, data: bytes) -> None:
             try:
-                sealed = self.sealer.seal(name, i, count, data)
+                digests[i] = hashlib.sha256(data).digest()
+                sealed = self.sealer.seal(name, i, count, data, digests[i])
                 old = have.get(i + 1)
                 if old and old[0] == len(sealed) and old[1] == hashlib.md5(sealed).hexdigest():
                     etags[i] = old[1]
@@ -248,7 +267,6 @@ class Store:
                 data = f.read(seal.FRAME)
                 if len(data) != min(seal.FRAME, size - i * seal.FRAME):
                     raise RepositoryError(f"{f.name} changed while it was copied")
-                digest.update(data)
                 slots.acquire()
                 futures.append(pool.submit(part, i, data))
                 for fu in [x for x in futures if x.done()]:
@@ -256,17 +274,25 @@ class Store:
             for fu in futures:
                 fu.result()
         self.bucket.complete_upload(name, upload, etags)  # type: ignore[arg-type]
-        return FileInfo(size, digest.hexdigest()), sent[0]
+        return FileInfo(size, files_digest(digests)), sent[0]
 
 
-def _sha256_file(f, on_bytes) -> str:
-    h = hashlib.sha256()
+def files_digest(frame_digests: list[bytes]) -> str:
+    """A file's digest: SHA-256 over its frames' SHA-256 digests (each frame hashed once, in
+    the thread that seals it)."""
+    return hashlib.sha256(b"".join(frame_digests)).hexdigest()
+
+
+def _digest_file(f, on_bytes) -> str:
+    out = []
     while True:
         block = f.read(seal.FRAME)
-        if not block:
-            return h.hexdigest()
-        h.update(block)
+        if not block and out:
+            return files_digest(out)
+        out.append(hashlib.sha256(block).digest())
         on_bytes(len(block))
+        if not block:
+            return files_digest(out)
 
 
 def _parents_first(points: list[StoredPoint]) -> list[StoredPoint]:
@@ -284,27 +310,48 @@ def _parents_first(points: list[StoredPoint]) -> list[StoredPoint]:
         done.add(c)
         out.append(sp)
 
-    for sp in sorted(points, key=lambda s: (s.point.completed, s.point.checkpoint)):
+    for sp in sorted(points, key=lambda s: (s.point.completed, s.sequence, s.point.checkpoint)):
         visit(sp)
     return out
 
 
+class FrameCache:
+    """Frames of a store's objects, fetched by a few threads and the last ``budget`` of them kept,
+    whichever object they belong to (a restore of a long chain reads many objects)."""
+
+    def __init__(self, budget: int, threads: int):
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._items: "collections.OrderedDict[tuple[str, int], concurrent.futures.Future]" = collections.OrderedDict()
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="s3-read")
+
+    def get(self, key: tuple[str, int], fetch: Callable[[], bytes]) -> concurrent.futures.Future:
+        with self._lock:
+            fu = self._items.get(key)
+            if fu is not None:
+                self._items.move_to_end(key)
+                return fu
+            fu = self._items[key] = self._pool.submit(fetch)
+            while len(self._items) > self.budget:
+                self._items.popitem(last=False)
+            return fu
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class RemoteFile:
-    """A file of the bucket read by ranges: each frame fetched once (a few kept), opened (a
-    changed frame is a ``seal.Tampered``), the next ones fetched ahead."""
+    """A file of the bucket read by ranges: each frame fetched and opened once (a changed frame
+    is a ``seal.Tampered``), the next ones fetched ahead, through the store's frame cache."""
 
     def __init__(self, store: Store, name: str, size: int):
         self.store = store
         self.name = name
         self.size = size
         self.count = seal.frames(size)
-        self._lock = threading.Lock()
-        self._frames: dict[int, concurrent.futures.Future] = {}
-        self._order: list[int] = []
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="s3-read")
-        self.fetched: set[int] = set()
 
-    def _fetch(self, i: int) -> bytes:
+    def fetch(self, i: int) -> bytes:
+        """Frame ``i`` from the bucket, opened (not cached)."""
         enc = self.store.sealer.encrypted
         start = seal.frame_span(i, enc)
         plain_len = min(seal.FRAME, self.size - i * seal.FRAME)
@@ -315,23 +362,13 @@ class RemoteFile:
         data = self.store.sealer.open(self.name, i, self.count, raw)
         if len(data) != plain_len:
             raise seal.Tampered(f"object {self.name} frame {i} has the wrong length")
-        self.fetched.add(i)
         return data
 
-    def _future(self, i: int) -> concurrent.futures.Future:
-        with self._lock:
-            fu = self._frames.get(i)
-            if fu is None:
-                fu = self._frames[i] = self._pool.submit(self._fetch, i)
-                self._order.append(i)
-                while len(self._order) > CACHE:
-                    self._frames.pop(self._order.pop(0), None)
-            return fu
-
     def frame(self, i: int) -> bytes:
-        fu = self._future(i)
-        if i + 1 < self.count:
-            self._future(i + 1)  # read ahead: restores go forward
+        cache = self.store.cache
+        fu = cache.get((self.name, i), lambda: self.fetch(i))
+        for j in range(i + 1, min(self.count, i + 1 + AHEAD)):  # read ahead: restores go forward
+            cache.get((self.name, j), lambda j=j: self.fetch(j))
         return fu.result()
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -348,4 +385,4 @@ class RemoteFile:
         return bytes(out)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        pass  # the store owns the cache and its threads

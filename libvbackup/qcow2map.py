@@ -36,7 +36,10 @@ class Unsupported(ValueError):
     """An image this reader leaves to ``qemu-img map`` (encrypted, compressed, extended L2…)."""
 
 
-def own_map(pread, start: int = 0, max_tables: int = 64) -> Iterator[dict]:
+COMPRESSION_BIT = 1 << 3  # incompatible feature: the header names a compression type (byte 104)
+
+
+def own_map(pread, start: int = 0, max_tables: int = 64, compressed: bool = False) -> Iterator[dict]:
     """The own layer of a qcow2 image, as ``qemu-img map --output=json`` of the image alone
     (``backing: null``) gives it: ``{start, length, depth: 0, present, zero, data[, offset]}``
     from ``start`` on, adjacent clusters of one kind (and contiguous data) joined.
@@ -45,6 +48,10 @@ def own_map(pread, start: int = 0, max_tables: int = 64) -> Iterator[dict]:
     for what it does not read: encryption, external data files, extended L2 entries, a dirty or
     corrupt image, compressed clusters, or more than ``max_tables`` L2 tables (a big image is
     mapped faster by qemu-img in C than entry by entry here).
+
+    ``compressed``: compressed clusters are mapped too, one entry per cluster, with
+    ``compressed: (host offset, bytes to read, "zlib" | "zstd")`` (for a reader that inflates
+    them itself: the bytes come from a bucket, where no qemu-img can map them).
     """
     head = pread(CLUSTER, 0)
     if len(head) < 104 or head[:4] != MAGIC:
@@ -53,6 +60,12 @@ def own_map(pread, start: int = 0, max_tables: int = 64) -> Iterator[dict]:
     cluster_bits, = struct.unpack_from(">I", head, 20)
     size, crypt, l1_size, l1_offset = struct.unpack_from(">QIIQ", head, 24)
     incompatible = struct.unpack_from(">Q", head, 72)[0] if version >= 3 else 0
+    method = "zlib"
+    if compressed and incompatible == COMPRESSION_BIT and len(head) > 104:
+        method = {0: "zlib", 1: "zstd"}.get(head[104], "")
+        if not method:
+            raise Unsupported(f"compression type {head[104]}")
+        incompatible = 0
     if version not in (2, 3) or crypt or incompatible or not 9 <= cluster_bits <= 21:
         raise Unsupported("encrypted, dirty, corrupt, external data or extended L2")
     cluster = 1 << cluster_bits
@@ -62,17 +75,26 @@ def own_map(pread, start: int = 0, max_tables: int = 64) -> Iterator[dict]:
         l1.byteswap()
     if len(l1) != l1_size or sum(1 for e in l1 if e & OFFSET_MASK) > max_tables:
         raise Unsupported("too many L2 tables")
-    runs = _own_runs(pread, l1, cluster, per_table, size, version)
+    runs = _own_runs(pread, l1, cluster, per_table, size, version, method if compressed else None)
     yield from (r for r in runs if r["start"] + r["length"] > start)
 
 
-def _own_runs(pread, l1, cluster: int, per_table: int, size: int, version: int) -> list[dict]:
+def _own_runs(pread, l1, cluster: int, per_table: int, size: int, version: int,
+              method: str | None = None) -> list[dict]:
     span = cluster * per_table
     out: list[dict] = []
+    cluster_bits = cluster.bit_length() - 1
+    csize_shift = 62 - (cluster_bits - 8)
 
-    def add(at: int, n: int, kind: str, host: int | None) -> None:
+    def add(at: int, n: int, kind: str, host: int | None, packed: tuple | None = None) -> None:
         n = min(n, size - at)
         if n <= 0:
+            return
+        if packed is not None:
+            if len(out) >= MAX_RUNS:
+                raise Unsupported("too fragmented")
+            out.append({"start": at, "length": n, "depth": 0, "present": True, "zero": False, "data": True,
+                        "_kind": "compressed", "compressed": packed})
             return
         if out:
             last = out[-1]
@@ -110,7 +132,13 @@ def _own_runs(pread, l1, cluster: int, per_table: int, size: int, version: int) 
             if at >= size:
                 break
             if e & (1 << 62):
-                raise Unsupported("compressed clusters")
+                if method is None:
+                    raise Unsupported("compressed clusters")
+                host = e & ((1 << csize_shift) - 1)
+                sectors = ((e >> csize_shift) & ((1 << (cluster_bits - 8)) - 1)) + 1
+                add(at, cluster, "compressed", None, (host, sectors * 512 - (host & 511), method))
+                j += 1
+                continue
             host = e & OFFSET_MASK
             if version >= 3 and e & ZERO:
                 add(at, cluster, "zero", None)

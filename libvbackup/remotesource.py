@@ -13,6 +13,7 @@ import bisect
 import concurrent.futures
 import os
 import select
+import zlib
 
 from . import qcow2map
 from .errors import CopyError, Error
@@ -29,21 +30,29 @@ class _Done:
         self.value = value
 
 
-def _runs(layer: RemoteFile) -> list[tuple[int, int, str, int | None]]:
+def _kind(r: dict) -> str:
+    if "compressed" in r:
+        return "compressed"
+    return "data" if r["data"] else ("zero" if r["present"] else "none")
+
+
+def _runs(layer: RemoteFile) -> list[tuple[int, int, str, object]]:
     try:
-        return [(r["start"], r["start"] + r["length"], "data" if r["data"] else ("zero" if r["present"] else "none"),
-                 r.get("offset")) for r in qcow2map.own_map(layer.pread, 0, MAX_TABLES)]
+        return [(r["start"], r["start"] + r["length"], _kind(r), r.get("compressed", r.get("offset")))
+                for r in qcow2map.own_map(layer.pread, 0, MAX_TABLES, compressed=True)]
     except qcow2map.Unsupported as e:
         raise CopyError(f"{layer.name} cannot be read from the bucket: {e}") from e
     except ValueError as e:
         raise CopyError(f"{layer.name} is not a readable qcow2 image: {e}") from e
 
 
-def chain_map(layers: list[list[tuple[int, int, str, int | None]]], size: int) -> list[tuple[int, int, int, int]]:
+def chain_map(layers: list[list[tuple[int, int, str, object]]], size: int) -> list[tuple[int, int, int, object]]:
     """(start, end, depth, host) of the chain, depth -1 for ranges that read as zeroes (pure).
 
     ``layers``: each layer's runs (start, end, kind, host), the top image first, kind "data",
-    "zero" (reads as zeroes, hides what is below) or "none" (not in this layer: look below)."""
+    "zero" (reads as zeroes, hides what is below), "none" (not in this layer: look below) or
+    "compressed" (one cluster; host: its descriptor). A compressed cluster's host in the map is
+    (the cluster's guest start, its descriptor)."""
     cuts = sorted({0, size, *(b for runs in layers for r in runs for b in (r[0], r[1]) if 0 <= b <= size)})
     starts = [[r[0] for r in runs] for runs in layers]
     out: list[tuple[int, int, int, int]] = []
@@ -55,12 +64,31 @@ def chain_map(layers: list[list[tuple[int, int, str, int | None]]], size: int) -
                 continue
             if runs[i][2] == "data":
                 depth, host = d, runs[i][3] + a - runs[i][0]
+            elif runs[i][2] == "compressed":
+                depth, host = d, (runs[i][0], runs[i][3])
             break
-        if out and out[-1][2] == depth and out[-1][1] == a and (depth < 0 or out[-1][3] + (a - out[-1][0]) == host):
+        if out and out[-1][2] == depth and out[-1][1] == a and (
+                depth < 0 or (out[-1][3] == host if isinstance(host, tuple) else
+                              not isinstance(out[-1][3], tuple) and out[-1][3] + (a - out[-1][0]) == host)):
             out[-1] = (out[-1][0], b, depth, out[-1][3])
         else:
             out.append((a, b, depth, host))
     return out
+
+
+def _inflate(data: bytes, method: str) -> bytes:
+    """A compressed cluster's data (qcow2: raw deflate, or a zstd frame; what follows it in the
+    sectors read is ignored)."""
+    try:
+        if method == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        return zlib.decompressobj(-12).decompress(data)
+    except ImportError as e:
+        raise CopyError("reading zstd clusters needs python3-zstandard", "run scripts/setup") from e
+    except Exception as e:  # noqa: BLE001 - zlib.error, zstandard.ZstdError: damaged data
+        raise CopyError(f"a compressed cluster does not inflate: {e}") from e
 
 
 class RemoteSource:
@@ -74,7 +102,8 @@ class RemoteSource:
         self._wake: int | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="s3-source")
         if own_layer:  # depth 0: data; -1: zeroes of its own; -2: not in this image
-            self._map = [(a, b, {"data": 0, "zero": -1}.get(kind, -2), host or 0) for a, b, kind, host in _runs(layers[0])]
+            self._map = [(a, b, {"data": 0, "compressed": 0, "zero": -1}.get(kind, -2),
+                          (a, host) if kind == "compressed" else host or 0) for a, b, kind, host in _runs(layers[0])]
         else:
             self._map = chain_map([_runs(layer) for layer in layers], size)
         self._starts = [m[0] for m in self._map]
@@ -128,6 +157,12 @@ class RemoteSource:
             view = buf[pos - offset:pos - offset + n]
             if depth < 0:
                 view[:] = bytes(n)
+            elif isinstance(host, tuple):
+                cluster_start, (where, length, method) = host
+                plain = _inflate(self.layers[depth].pread(length, where), method)
+                view[:] = plain[pos - cluster_start:pos - cluster_start + n]
+                if len(plain) < pos - cluster_start + n:
+                    raise CopyError(f"a compressed cluster of {self.layers[depth].name} inflates short")
             else:
                 data = self.layers[depth].pread(n, host + pos - a)
                 if len(data) != n:

@@ -55,7 +55,12 @@ def copy(vms: Sequence[str] = (), *, repo: str, to: str, all_vms: bool = False, 
         if not m.points:
             raise NotFound(f"repository {repository.root} holds no backups of VM {vm!r}")
         manifests[vm] = m
-    store = _store(to, endpoint, key_file, no_encrypt, create=True)
+    with contextlib.closing(_store(to, endpoint, key_file, no_encrypt, create=True)) as store:
+        return _copy(repository, store, names, manifests, dry_run, progress)
+
+
+def _copy(repository: Repository, store: Store, names: list[str], manifests: dict, dry_run: bool,
+          progress: str) -> CopyResult:
     plans = {vm: _plan(repository, store, m) for vm, m in manifests.items()}
     if dry_run:
         return CopyResult(str(repository.root), store.url, True, tuple(
@@ -93,6 +98,7 @@ def _plan(repository: Repository, store: Store, m: Manifest):
 
 def _copy_vm(repository: Repository, store: Store, m: Manifest, plan, progress: str) -> list[CopiedPoint]:
     listing = store.names(m.vm)
+    sequence = max((store.read_point(m.vm, c)[0].sequence for c in store.point_names(m.vm, listing)), default=0)
     out = []
     for p, present, sizes in plan:
         if present:
@@ -108,7 +114,8 @@ def _copy_vm(repository: Repository, store: Store, m: Manifest, plan, progress: 
                                        prog.callback(p.checkpoint), present=listing.get(name))
                 files[rel] = info
                 sent += n
-        store.write_point(m.vm, m.uuid, p, files)
+        sequence += 1
+        store.write_point(m.vm, m.uuid, p, files, sequence)
         log.info("copied point %s of %s to %s (%d bytes sent)", p.checkpoint, m.vm, store.url, sent)
         out.append(CopiedPoint(m.vm, p.checkpoint, "copied", sum(sizes.values()), sent))
     return out
@@ -117,8 +124,8 @@ def _copy_vm(repository: Repository, store: Store, m: Manifest, plan, progress: 
 # -- the bucket as a repository -----------------------------------------------------------------
 def list_points(vm: str, *, repo: str, endpoint: str | None = None, key_file: str | None = None,
                 no_encrypt: bool = False) -> ListResult:
-    store = _store(repo, endpoint, key_file, no_encrypt)
-    m, _files = store.manifest(vm)
+    with contextlib.closing(_store(repo, endpoint, key_file, no_encrypt)) as store:
+        m, _files = store.manifest(vm)
     if not m.points:
         raise NotFound(f"{store.url} holds no backups of VM {vm!r}")
     return ListResult(vm, store.url, tuple(
@@ -171,7 +178,11 @@ def restore(vm: str, *, repo: str, output: str, checkpoint: str | None = None, f
     if fmt not in restore_mod.FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(restore_mod.FORMATS)}")
     restore_mod.check_output(output)
-    b = _Bucket(_store(repo, endpoint, key_file, no_encrypt), vm)
+    with contextlib.closing(_store(repo, endpoint, key_file, no_encrypt)) as store:
+        return _restore(_Bucket(store, vm), vm, output, checkpoint, fmt, disks, progress)
+
+
+def _restore(b: "_Bucket", vm, output, checkpoint, fmt, disks, progress) -> RestoreResult:
     point = b.m.get(checkpoint) if checkpoint else b.m.newest
     names = list(dict.fromkeys(disks)) or list(point.disks)
     for n in names:
@@ -247,29 +258,29 @@ def _whole(b: _Bucket, rel: str) -> str | None:
     except RepositoryError as e:
         return e.message
     r = b.reader(rel)
-    h = hashlib.sha256()
     try:
-        for i in range(r.count):
-            h.update(r._fetch(i))
+        digests = [hashlib.sha256(r.fetch(i)).digest() for i in range(r.count)]
     except Error as e:
         return e.message
-    finally:
-        r.close()
-    if h.hexdigest() != info.sha256:
+    if offsite.files_digest(digests) != info.sha256:
         return f"object {r.name} differs from the file that was copied (SHA-256)"
     return None
 
 
 def verify(vm: str, *, repo: str, checkpoint: str | None = None, endpoint: str | None = None,
            key_file: str | None = None, no_encrypt: bool = False) -> VerifyResult:
-    b = _Bucket(_store(repo, endpoint, key_file, no_encrypt), vm)
+    with contextlib.closing(_store(repo, endpoint, key_file, no_encrypt)) as store:
+        return _verify(_Bucket(store, vm), checkpoint)
+
+
+def _verify(b: "_Bucket", checkpoint: str | None) -> VerifyResult:
     points: list[Point] = [b.m.get(checkpoint)] if checkpoint else b.m.points
     v = _BucketVerifier(b)
     out = []
     for p in points:
         disks = {name: v.disk(pd) for name, pd in p.disks.items()}
         out.append(VerifiedPoint(p.checkpoint, all(d.ok for d in disks.values()), disks))
-    return VerifyResult(vm, b.store.url, all(p.ok for p in out), tuple(out))
+    return VerifyResult(b.vm, b.store.url, all(p.ok for p in out), tuple(out))
 
 
 def prune(vm: str, *, repo: str, keep: retention.Policy, dry_run: bool = False,
@@ -277,7 +288,12 @@ def prune(vm: str, *, repo: str, keep: retention.Policy, dry_run: bool = False,
           no_encrypt: bool = False) -> PruneResult:
     """The bucket's own retention: the points ``keep`` drops go, unless a kept point's chain
     needs their images (kept then, with the reason)."""
-    b = _Bucket(_store(repo, endpoint, key_file, no_encrypt), vm)
+    with contextlib.closing(_store(repo, endpoint, key_file, no_encrypt)) as store:
+        return _prune(_Bucket(store, vm), keep, dry_run, tz)
+
+
+def _prune(b: "_Bucket", keep: retention.Policy, dry_run: bool, tz) -> PruneResult:
+    vm = b.vm
     selection = retention.select(b.m.points, keep, tz)
     reasons = dict(selection.kept)
     needed = set(selection.kept)

@@ -13,7 +13,8 @@ The associated data of each frame binds it to its place: the object's name (rela
 bucket's prefix), its index and the number of frames. A frame moved to another place or
 object, an object renamed, truncated, extended or swapped for another fails to open.
 
-The nonce is derived from the key, the frame's place and its content (an HMAC: the same frame
+The nonce is derived from the key, the frame's place and its content (an HMAC of the place and
+the frame's SHA-256, which the copy computes anyway for the file's digest: the same frame
 sealed twice gives the same bytes, different frames never share a nonce). So a resumed upload
 can tell a part the bucket already holds from a stale one by its ETag (the MD5 of its bytes)
 without downloading it, and a point copied twice is the same objects twice.
@@ -94,11 +95,12 @@ class Sealer:
     def _aad(name: str, index: int, count: int) -> bytes:
         return b"libvbackup-frame-1\0" + name.encode() + b"\0" + struct.pack(">QQ", index, count)
 
-    def seal(self, name: str, index: int, count: int, plain: bytes | memoryview) -> bytes:
+    def seal(self, name: str, index: int, count: int, plain: bytes | memoryview,
+             digest: bytes | None = None) -> bytes:
+        """``digest``: the frame's SHA-256 if the caller has it (it is computed otherwise)."""
         aad = self._aad(name, index, count)
-        mac = hmac.new(self._nonce_key, aad, "sha256")
-        mac.update(plain)
-        nonce = mac.digest()[:NONCE]
+        digest = digest or hashlib.sha256(plain).digest()
+        nonce = hmac.digest(self._nonce_key, aad + digest, "sha256")[:NONCE]
         return nonce + self._aead.encrypt(nonce, bytes(plain), aad)
 
     def open(self, name: str, index: int, count: int, sealed: bytes) -> bytes:
@@ -120,7 +122,8 @@ class Plain:
     encrypted = False
     key_id = None
 
-    def seal(self, name: str, index: int, count: int, plain: bytes | memoryview) -> bytes:
+    def seal(self, name: str, index: int, count: int, plain: bytes | memoryview,
+             digest: bytes | None = None) -> bytes:
         return bytes(plain)
 
     def open(self, name: str, index: int, count: int, sealed: bytes) -> bytes:

@@ -499,7 +499,7 @@ GOALS = {  # README, section Performance
     **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
 BIG_RSS_GOAL_MIB = 256
-MODES = ("pull", "push", "big", "chain", "remote", "compress")
+MODES = ("pull", "push", "big", "chain", "remote", "compress", "s3")
 DEFAULT_MODES = ("pull", "push")
 
 
@@ -557,9 +557,11 @@ def main() -> int:
                          "16 TiB disk against a 4 GiB one with the same data; chain: verify of a 60-point chain "
                          "against restore of its newest point; remote: full pull from a remote libvirt (qemu+ssh, NBD "
                          "over TLS and plain TCP) against the local unix socket; compress: full pull with and without "
-                         "--compress of text-like data")
+                         "--compress of text-like data; s3: copy to a real S3 server against boto3's upload_file, and restore "
+                         "from the bucket against the local repository")
     ap.add_argument("--big-tib", type=int, default=16, help="size of the big mode's thin disk [default: 16]")
     ap.add_argument("--chain-points", type=int, default=60, help="points of the chain mode [default: 60]")
+    ap.add_argument("--s3-mib", type=int, default=256, help="random data of the s3 mode's point [default: 256]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     modes = set(args.modes.split(","))
@@ -582,7 +584,7 @@ def main() -> int:
     work = None
     res: dict[str, list] = {}
     dirty_bytes = push_dirty_bytes = 0
-    big = chain = comp = None
+    big = chain = comp = s3 = None
     sshd = rem = None
     remote_copied: dict[str, list[int]] = {}
 
@@ -683,6 +685,10 @@ def main() -> int:
             chain = bench_chain(args, work, scratch, rng, add, log)
         if "compress" in modes:
             comp = bench_compress(args, work, opts, rng, add, log)
+        if "s3" in modes:
+            from bench_s3 import bench_s3
+
+            s3 = bench_s3(args, work, opts, rng, add, log, timed, CLI, alternate, destroy_vm)
     finally:
         try:
             if sshd is not None:
@@ -730,6 +736,9 @@ def main() -> int:
     if comp is not None:
         ratios["compress_stored_ratio"] = comp["stored_bytes"]["compress_off"] / comp["stored_bytes"]["compress_on"]
         ratios["compress_time_ratio"] = med["compress_on"] / med["compress_off"]
+    if s3 is not None:
+        ratios["s3_copy_vs_upload_file"] = med["s3_copy_libvbackup"] / med["s3_upload_file_boto3"]
+        ratios["s3_restore_bucket_vs_local"] = med["s3_restore_bucket"] / med["s3_restore_local"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {platform.release()}",
@@ -748,6 +757,8 @@ def main() -> int:
         report["remote"] = rem
     if comp is not None:
         report["compress"] = comp
+    if s3 is not None:
+        report["s3"] = s3
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -760,10 +771,10 @@ def main() -> int:
     if modes & {"pull", "push"}:
         print(f"{args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 disk")
         for k in med:
-            if not k.startswith(("big_", "chain_", "remote_", "compress_")):
+            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_")):
                 print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB")
         for k, v in ratios.items():
-            if not k.startswith(("big_", "chain_", "remote_", "compress_")):
+            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_")):
                 goal = f"   goal <= {GOALS[k]:.2f}" if k in GOALS else ""
                 print(f"  {k:<48} {v:6.2f}{goal}")
     if rem is not None:
@@ -774,6 +785,10 @@ def main() -> int:
         print_chain(chain, med, rss, ratios)
     if comp is not None:
         print_compress(comp, med, rss, ratios)
+    if s3 is not None:
+        from bench_s3 import print_s3
+
+        print_s3(s3, med, rss, ratios)
     return 0
 
 

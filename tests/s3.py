@@ -68,7 +68,9 @@ class SeaweedFS:
         self.proc = subprocess.Popen(
             [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={_free_port()}", f"-volume.port={_free_port()}", f"-filer.port={_free_port()}",
-             "-s3", f"-s3.port={self.port}", f"-s3.config={ids}", "-volume.max=0"],
+             "-s3", f"-s3.port={self.port}", f"-s3.config={ids}",
+             # small volumes, and enough of them: every bucket is a collection with volumes of its own
+             "-volume.max=200", "-master.volumeSizeLimitMB=256", "-master.volumePreallocate=false"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + 60

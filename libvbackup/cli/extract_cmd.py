@@ -1,7 +1,7 @@
 """Copy files and directory trees out of a backup point's file system.
 
 Each PATH goes to DIR/<its name> (the whole tree under a directory; / puts the file system's
-contents into DIR itself), with its mode, owner, access and modification times; symlinks are
+contents into DIR itself), with its mode, owner and modification time; symlinks are
 recreated as symlinks, never followed; device nodes, fifos and sockets are skipped (and named).
 DIR is created when missing (0700). Nothing that exists is overwritten unless --force (which
 replaces files and merges into directories); if extract fails, what it wrote is removed. The

@@ -17,10 +17,11 @@ import sys
 import time
 import uuid
 
+import jsonschema
 import libvirt
 import pytest
 
-from libvbackup import api
+from libvbackup import api, schemas
 
 pytestmark = pytest.mark.integration
 
@@ -73,16 +74,19 @@ def test_files_and_extract_of_two_points(guest, grepo, workdir, make_vm):
     d = f"{guest.disks[0].mount}/lvbfiles-{uuid.uuid4().hex[:6]}"  # the guest is shared: a directory of our own
     rel = d.removeprefix(guest.disks[0].mount)  # the same directory in the disk's file system
     text1 = b"first version\n"
-    blob = os.urandom(300_007)  # random, an unaligned size
     inner = b"inside the subdirectory"
     guest.check(["mkdir", "-p", f"{d}/sub"])
     guest.write_file(f"{d}/notes.txt", text1)
-    guest.write_file(f"{d}/blob.bin", blob)
+    # Random bytes of an unaligned size, more than one read (2 MiB); a sparse file.
+    guest.check(["sh", "-c", f"dd if=/dev/urandom of={d}/blob.bin bs=4099 count=613 2>/dev/null && "
+                             f"truncate -s 3M {d}/sparse.bin"])
+    blob = guest.read_file(f"{d}/blob.bin")
+    assert len(blob) == 4099 * 613
     guest.write_file(f"{d}/sub/inner.txt", inner)
     guest.check(["sh", "-c", f"cd {d} && ln -s notes.txt link && ln -s /nowhere/at/all dangling && mkfifo pipe && "
                              f"chmod 0640 notes.txt && chmod 0750 sub && chown 1000:1001 blob.bin && "
                              f"touch -d '{WHEN1}' notes.txt blob.bin sub/inner.txt sub && sync"])
-    names = ["notes.txt", "blob.bin", "sub", "link", "dangling", "pipe"]
+    names = ["notes.txt", "blob.bin", "sparse.bin", "sub", "link", "dangling", "pipe"]
     at1 = guest_stat(guest, [f"{d}/{n}" for n in names])
     assert stat.S_IMODE(at1["notes.txt"][0]) == 0o640 and at1["blob.bin"][3:] == (1000, 1001)
     api.pull(guest.name, repo=str(grepo), checkpoint="f1", quiesce="no")
@@ -90,7 +94,7 @@ def test_files_and_extract_of_two_points(guest, grepo, workdir, make_vm):
     text2 = b"second version, longer than the first\n"
     guest.write_file(f"{d}/notes.txt", text2)
     guest.check(["sh", "-c", f"cd {d} && rm blob.bin && chmod 0600 notes.txt && touch -d '{WHEN2}' notes.txt && "
-                             f"rm link && ln -s sub/inner.txt link && sync"])
+                             f"rm link && ln -s sub/inner.txt link && ln -s sub dirlink && sync"])
     at2 = guest_stat(guest, [f"{d}/{n}" for n in ("notes.txt", "link", "sub")])
     inc = api.pull(guest.name, repo=str(grepo), level="inc", checkpoint="f2", quiesce="no")
     assert inc.level == "incremental"
@@ -109,7 +113,8 @@ def test_files_and_extract_of_two_points(guest, grepo, workdir, make_vm):
         "files2": start("files", vm, rel, "--repo", r, "--disk", "vda", "--json"),  # the newest: f2
         "extract1": start("extract", vm, rel, f"{rel}/notes.txt", "--repo", r, "--checkpoint", "f1", "--disk", "vda",
                           "--output", str(workdir / "out1"), "--json"),
-        "extract2": start("extract", vm, f"{rel}/notes.txt", f"{rel}/link", "--repo", r, "--checkpoint", "f2",
+        "extract2": start("extract", vm, f"{rel}/notes.txt", f"{rel}/link", f"{rel}/dirlink/inner.txt", "--repo", r,
+                          "--checkpoint", "f2",
                           "--disk", "vda", "--output", str(workdir / "out2")),
         "missing": start("files", vm, f"{rel}/blob.bin", "--repo", r, "--checkpoint", "f2", "--disk", "vda"),
         "nofs": start("files", raw.name, "--repo", str(rrepo), "--json"),
@@ -121,7 +126,7 @@ def test_files_and_extract_of_two_points(guest, grepo, workdir, make_vm):
 
     # files, point 1, as text: ls -l's columns.
     lines = got["files1"].stdout.splitlines()
-    assert lines[0].startswith(f"{rel} in /dev/sda (ext4) of {vm}'s disk vda at f1: 6 entries")
+    assert lines[0].startswith(f"{rel} in /dev/sda (ext4) of {vm}'s disk vda at f1: 7 entries")
     by_name = {line.split(maxsplit=5)[5].split(" -> ")[0].rstrip("/"): line for line in lines[1:]}
     assert sorted(by_name) == sorted(names)
     assert by_name["notes.txt"].split()[:3] == ["-rw-r-----", "0:0", str(len(text1))]
@@ -132,10 +137,11 @@ def test_files_and_extract_of_two_points(guest, grepo, workdir, make_vm):
 
     # files, point 2, typed.
     doc = json.loads(got["files2"].stdout)
+    jsonschema.Draft202012Validator(schemas.load("files")).validate(doc)
     assert doc["checkpoint"] == "f2" and doc["path"] == rel and doc["type"] == "dir"
     assert doc["filesystem"] == "/dev/sda" and doc["fstype"] == "ext4"
     entries = {e["name"]: e for e in doc["entries"]}
-    assert sorted(entries) == sorted(set(names) - {"blob.bin"})
+    assert sorted(entries) == sorted(set(names) - {"blob.bin"} | {"dirlink"})
     notes = entries["notes.txt"]
     assert (notes["type"], notes["mode"], notes["size"], notes["mtime"]) == ("file", 0o600, len(text2),
                                                                             at2["notes.txt"][2])
@@ -144,14 +150,16 @@ def test_files_and_extract_of_two_points(guest, grepo, workdir, make_vm):
 
     # extract, point 1: the tree byte for byte, modes, owners, times; the symlinks as symlinks.
     res = json.loads(got["extract1"].stdout)
+    jsonschema.Draft202012Validator(schemas.load("extract")).validate(res)
     top = workdir / "out1" / os.path.basename(rel)
     assert res["written"] == [str(top), str(workdir / "out1" / "notes.txt")]
-    assert (res["files"], res["directories"], res["symlinks"]) == (4, 2, 2)  # notes.txt twice
-    assert res["bytes"] == 2 * len(text1) + len(blob) + len(inner) and res["skipped"] == [f"{rel}/pipe"]
+    assert (res["files"], res["directories"], res["symlinks"]) == (5, 2, 2)  # notes.txt twice
+    assert res["bytes"] == 2 * len(text1) + len(blob) + 3 * MiB + len(inner) and res["skipped"] == [f"{rel}/pipe"]
     assert (top / "notes.txt").read_bytes() == text1 == (workdir / "out1" / "notes.txt").read_bytes()
     assert (top / "blob.bin").read_bytes() == blob
+    assert (top / "sparse.bin").read_bytes() == bytes(3 * MiB) and os.stat(top / "sparse.bin").st_blocks == 0
     assert (top / "sub" / "inner.txt").read_bytes() == inner
-    for n in ("notes.txt", "blob.bin", "sub", "link", "dangling"):
+    for n in ("notes.txt", "blob.bin", "sparse.bin", "sub", "link", "dangling"):
         assert_local(top / n, at1[n])
     assert os.readlink(top / "link") == "notes.txt" and os.readlink(top / "dangling") == "/nowhere/at/all"
     assert not os.path.lexists(top / "pipe")
@@ -162,6 +170,7 @@ def test_files_and_extract_of_two_points(guest, grepo, workdir, make_vm):
     assert (out2 / "notes.txt").read_bytes() == text2
     assert_local(out2 / "notes.txt", at2["notes.txt"])
     assert os.readlink(out2 / "link") == "sub/inner.txt" and at2["link"][2] == os.lstat(out2 / "link").st_mtime // 1
+    assert (out2 / "inner.txt").read_bytes() == inner  # through a symlinked directory of the guest's
     assert "extracted from /dev/sda (ext4)" in got["extract2"].stdout
 
     # Errors: one line each, with their exit codes; nothing half-written.

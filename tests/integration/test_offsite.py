@@ -232,3 +232,29 @@ def test_bucket_faults_are_one_line_and_touch_nothing(make_vm, repo, workdir, s3
                 "--format", "raw")
     assert r.returncode == 0, r.stderr
     assert read_image(out / "vda.raw", "raw") == snap(vm)["vda"]
+
+
+def test_compressed_points_restore_and_verify_from_the_bucket(make_vm, repo, workdir, s3server, keyfile):
+    """Compressed clusters (pull --compress) are inflated by the bucket's reader itself."""
+    rng = random.Random(11)
+    vm = make_vm((12 * MiB, "qcow2"),)
+    text = b"".join(b"checkpoint %d qcow2 cluster guest\n" % rng.randrange(10**6) for _ in range(60000))[:3 * MiB]
+    vm["vda"].write(1 * MiB + 100, text)
+    vm["vda"].write(6 * MiB, rng.randbytes(MiB))
+    pull(vm.name, repo=str(repo), checkpoint="z1", compress=True)
+    models = {"z1": snap(vm)}
+    vm["vda"].write(2 * MiB + 5, text[:200000])
+    vm["vda"].zero(7 * MiB, 64 * 1024)
+    pull(vm.name, repo=str(repo), checkpoint="z2", incremental="z1", compress=True)
+    models["z2"] = snap(vm)
+    bucket = s3server.bucket("lvb-compressed")
+    url = f"s3://{bucket}/z"
+    r = _s3_cli(s3server, "copy", vm.name, "--repo", str(repo), "--to", url, "--key-file", keyfile)
+    assert r.returncode == 0, r.stderr
+    stored = s3server.objects(bucket)[f"z/{vm.name}/z1/vda.qcow2"]
+    assert len(stored) < 3 * MiB  # the compressed image went up, not an inflated one
+    shutil.rmtree(repo)
+    for c, model in models.items():
+        _restore_from(s3server, url, keyfile, vm.name, c, workdir / f"z-{c}", model)
+    ok = _s3_cli(s3server, "verify", vm.name, "--repo", url, "--key-file", keyfile)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
