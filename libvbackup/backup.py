@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 from . import checkpoints, domxml, journal, manifest as mf, offline, pull as pull_transport, push as push_transport
 from . import netexport, quiesce, scratch, xmlgen
 from .documents import Documents, documents
-from .errors import Error, Interrupted, RepositoryError, StateError, UsageError
+from .errors import Error, Interrupted, LibvirtError, RepositoryError, StateError, UsageError
 from .journal import RunRecord, RunState
 from .plan import ParentChoice, choose_parent, needs_bitmap, plan_backup
 from .repo import Repository
@@ -81,6 +81,7 @@ class Planned:
     mode: str = "pull"
     net: netexport.NetExport | None = None  # the export is on TCP (remote libvirt)
     remote: bool = False  # libvirt runs on another host
+    unchecked: str | None = None  # the parent checkpoint, its bitmaps left for backupBegin to check
 
     @property
     def transport(self) -> str:
@@ -156,17 +157,28 @@ def backup(
             # A run died: finish its clean-up before its checkpoint confuses the plan.
             with repository.lock(vm), umask(0o077):
                 journal.recover(repository, vm, dom)
-        planned = _plan(dom, repository, req)
+        # The parent's bitmaps are checked by backupBegin itself (a dry run asks libvirt first).
+        planned = _plan(dom, repository, req, checked=dry_run)
         if dry_run:
             return _result(repository, planned, req, None, dry_run=True)
         with repository.lock(vm), raising(), umask(0o077):
             journal.recover(repository, vm, dom)
             if _seen(dom, repository, vm) != planned.seen:
-                planned = _plan(dom, repository, req)  # another run changed things meanwhile
-            planned = _redefine(dom, repository, req, planned)
-            if planned.choice.reason:
-                log.info("%s", planned.choice.reason)
-            return _execute(repository, dom, planned, req, progress, scratch_limit, on_job_started)
+                planned = _plan(dom, repository, req, checked=False)  # another run changed things meanwhile
+            while True:
+                planned = _redefine(dom, repository, req, planned)
+                if planned.choice.reason:
+                    log.info("%s", planned.choice.reason)
+                try:
+                    return _execute(repository, dom, planned, req, progress, scratch_limit, on_job_started)
+                except LibvirtError as e:
+                    if planned.unchecked is None or not checkpoints.bitmap_lost(e.message):
+                        raise
+                    # Refused over the parent's bitmaps, nothing created (the run cleaned up): plan
+                    # again with them validated first, as a plan without trust does (auto: full).
+                    log.info("%s; planning again with checkpoint %s validated", e.message, planned.unchecked)
+                journal.recover(repository, vm, dom)
+                planned = _plan(dom, repository, req)
 
 
 def _seen(dom, repository: Repository, vm: str) -> tuple:
@@ -196,8 +208,10 @@ def _running_job_error(dom, repository: Repository) -> StateError:
                       f"if it is stuck, end it with: virsh domjobabort {vm}")
 
 
-def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | None = None) -> Planned:
-    """Look (read-only) and plan (pure): every check before anything exists."""
+def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | None = None,
+          checked: bool = True) -> Planned:
+    """Look (read-only) and plan (pure): every check before anything exists; ``checked``
+    False: a running VM's parent checkpoint is not validated here (backupBegin does)."""
     vm = dom.name
     running = dom.is_running()
     if not running:
@@ -223,7 +237,8 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
     identities = _identities(dom, chosen)
     probe = checkpoints.Probe(dom, manifest, failed,
                               needed=lambda chk: needs_bitmap(manifest.get(chk), chosen, sizes, identities),
-                              validate=None if running else offline.validator(dom, manifest), names=seen[1])
+                              validate=None if running else offline.validator(dom, manifest), names=seen[1],
+                              trust=running and not checked)
     choice = choose_parent(manifest, level=req.level, incremental=req.incremental, unusable=probe.unusable)
     plan = plan_backup(manifest, chosen, libvirt_checkpoints=probe.checkpoint_names, checkpoint=req.checkpoint,
                        incremental=choice.parent, prefix=repository.checkpoint_prefix, sizes=sizes,
@@ -243,8 +258,9 @@ def _plan(dom, repository: Repository, req: Request, failed: dict[str, str] | No
     run_dir = scratch.run_dir(scratch_base, vm, plan.checkpoint)
     tcp = xmlgen.TcpServer(net.address, net.ports[0], net.tls) if net else None
     docs = documents(plan, run_dir, str(repository.root), req.mode, tcp=tcp, remote=not dom.local)
+    unchecked = plan.parent if probe.trust and plan.parent in probe.names else None
     return Planned(domain_xml, docs, manifest, choice, qplan, seen, offline=not running, mode=req.mode,
-                   net=net, remote=not dom.local)
+                   net=net, remote=not dom.local, unchecked=unchecked)
 
 
 def _identities(dom, disks) -> dict[str, str]:

@@ -13,6 +13,10 @@ file that was named (option or variable) must exist. TOML (Python's ``tomllib``)
     quiesce = "auto"               # auto | yes | no
     disks = ["vda"]                # only these disks [default: every disk that can be backed up]
     exclude = ["vdb"]              # leave these disks out
+    compress = false               # pull --compress
+    copy_to = "s3://bucket/site1"  # after each backup (and prune), `libvbackup copy` of the VM there
+    key_file = "/root/offsite.key" # the key of copy_to (required with it; there is no clear-text copy here)
+    s3_endpoint = "https://rgw.example:8443"  # default: $AWS_ENDPOINT_URL, else AWS
     jobs = 2                       # VMs backed up at once by `libvbackup run` (only here)
 
     [[policy]]
@@ -68,6 +72,10 @@ class Settings:
     quiesce: str = "auto"
     disks: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    compress: bool = False
+    copy_to: str | None = None  # s3://BUCKET/PREFIX: copied there after each backup
+    key_file: str | None = None
+    s3_endpoint: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +177,10 @@ def parse(text: str, path: str = "<config>") -> Config:
         match, schedule = values.pop("match"), values.pop("schedule", None)
         own = {k: v for k, v in values.items() if k in _SETTINGS}
         base = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Settings)}
-        policies.append(Policy(n, match, Settings(**{**base, **own}), keep, schedule))
+        settings = Settings(**{**base, **own})
+        if settings.copy_to and not settings.key_file:
+            raise UsageError(f"{where}: copy_to {settings.copy_to} needs key_file (off-site copies are encrypted)")
+        policies.append(Policy(n, match, settings, keep, schedule))
     return Config(path, defaults, tuple(policies))
 
 
@@ -215,6 +226,24 @@ def _count(v: Any) -> int:
     return v
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _s3_url(v: Any) -> str:
+    if not isinstance(v, str) or not v.startswith("s3://") or len(v) <= len("s3://"):
+        raise ValueError("must be an s3://BUCKET/PREFIX URL")
+    return v
+
+
+def _http_url(v: Any) -> str:
+    if not isinstance(v, str) or not v.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return v
+
+
 def _jobs(v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError("must be a whole number, 1 or more")
@@ -224,6 +253,7 @@ def _jobs(v: Any) -> int:
 _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "repo": _path, "scratch_dir": _path, "uri": _string, "mode": _choice(MODES), "level": _choice(LEVELS),
     "quiesce": _choice(QUIESCE), "disks": _names, "exclude": _names,
+    "compress": _bool, "copy_to": _s3_url, "key_file": _path, "s3_endpoint": _http_url,
 }
 _POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
     "match": _patterns, "schedule": _string, **{k: _count for k in RETENTION},

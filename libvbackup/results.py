@@ -368,6 +368,9 @@ class VmRun(Result):
     pruned: tuple[str, ...] = ()  # points the retention removed, oldest first
     warnings: tuple[str, ...] = ()
     dry_run: bool = False
+    copy_to: str | None = None  # the policy's off-site bucket (s3://…), None: no copy
+    copied: tuple[str, ...] = ()  # points sent there by this run, oldest first
+    bytes_sent: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -242,6 +242,8 @@ class _Run:
         t0 = time.monotonic()
         result: BackupResult | None = None
         pruned: PruneResult | None = None
+        copied = None
+        step = "retention"
         error, code = None, 0
         try:
             with self._interruptible():
@@ -249,10 +251,16 @@ class _Run:
                 with self._turn_taken() as give_back:
                     result = backup(c.vm, mode=s.mode, repo=repo, uri=c.uri, level=s.level, quiesce=s.quiesce,
                                     scratch_dir=s.scratch_dir, disks=s.disks, exclude=s.exclude, dry_run=dry_run,
-                                    on_job_started=give_back)
+                                    on_job_started=give_back, compress=s.compress)
                 if keep is not None and not dry_run:
                     with self._turn_taken():
                         pruned = prune(c.vm, repo=repo, keep=keep, uri=c.uri)
+                if s.copy_to and not dry_run:
+                    step = "off-site copy"
+                    from .s3repo import copy as copy_offsite
+
+                    copied = copy_offsite([c.vm], repo=repo, to=s.copy_to, key_file=s.key_file,
+                                          endpoint=s.s3_endpoint)
         except _NotStarted as e:
             error, code = f"not backed up: the run was interrupted ({signal.Signals(e.signum).name}) " \
                           "before this VM's turn", e.exit_code
@@ -260,10 +268,11 @@ class _Run:
             log.debug("VM %s failed", c.vm, exc_info=True)
             error, code = _describe(e)
             if result is not None and not dry_run:
-                why = (f"was interrupted ({signal.Signals(code - 128).name}; the next prune finishes it)"
+                again = "prune" if step == "retention" else "copy"
+                why = (f"was interrupted ({signal.Signals(code - 128).name}; the next {again} finishes it)"
                        if isinstance(e, Interrupted) else f"failed: {error}")
-                error = f"backed up as {result.checkpoint}, but the retention {why}"
-        run = _vm_run(c, repo, result, pruned, error, code, time.monotonic() - t0, dry_run)
+                error = f"backed up as {result.checkpoint}, but the {step} {why}"
+        run = _vm_run(c, repo, result, pruned, error, code, time.monotonic() - t0, dry_run, copied)
         if self._on_event is not None:
             with self._emit:
                 try:
@@ -290,7 +299,7 @@ def _interrupt(signum: int) -> type[Interrupted]:
 
 
 def _vm_run(c: Chosen, repo: str, result: BackupResult | None, pruned: PruneResult | None, error: str | None,
-            code: int, seconds: float, dry_run: bool) -> VmRun:
+            code: int, seconds: float, dry_run: bool, copied=None) -> VmRun:
     keep = c.policy.keep
     return VmRun(
         vm=c.vm, policy=c.policy.label, schedule=c.policy.schedule, uri=c.uri, repo=repo,
@@ -301,4 +310,7 @@ def _vm_run(c: Chosen, repo: str, result: BackupResult | None, pruned: PruneResu
         level=result.level if result else None, fallback_reason=result.fallback_reason if result else None,
         bytes_copied=sum(d.bytes_copied for d in result.disks.values()) if result else 0,
         kept=pruned.keep if pruned else (), pruned=pruned.remove if pruned else (),
-        warnings=tuple(pruned.warnings) if pruned else (), dry_run=dry_run)
+        warnings=tuple(pruned.warnings) if pruned else (), dry_run=dry_run,
+        copy_to=c.policy.settings.copy_to,
+        copied=tuple(p.checkpoint for p in copied.points if p.state == "copied") if copied else (),
+        bytes_sent=copied.bytes_sent if copied else 0)

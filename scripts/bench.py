@@ -1,6 +1,9 @@
 """Benchmark: libvbackup vs the pipelines an admin would script by hand, alternating A B A B.
 
-Pull: `libvbackup pull` against `virsh backup-begin` + nbdcopy / qemu-img convert of the export.
+Pull: `libvbackup pull` against `virsh backup-begin` + nbdcopy / qemu-img convert of the export;
+an empty incremental (the fixed cost of a command) against `virsh backup-begin` of an
+incremental job with a checkpoint + `virsh domjobabort` (inc_empty_hand). CPU: user + sys of
+the command's processes (libvirtd and QEMU not counted).
 Push: `libvbackup push` against libvirt's own push job (`virsh backup-begin` of a
 <domainbackup mode='push'>, polled with `virsh domjobinfo` until it completed, then fsync).
 All backups are durable when the command returns (flushed), like nbdcopy --flush and
@@ -56,22 +59,24 @@ LAUNCHER = (
     "t = time.perf_counter()\n"
     "pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)\n"
     "_, status, ru = os.wait4(pid, 0)\n"
-    "print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)\n"
+    "print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status), ru.ru_utime + ru.ru_stime,\n"
+    "      file=sys.stderr)\n"
 )
 
 
-def timed(argv: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of the largest process the command waited for.
+def timed(argv: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (KiB) of the largest process the command waited for, and CPU
+    seconds (user + sys) of the command and every process it waited for (not libvirtd's, QEMU's).
 
     Dirty pages left by the previous command are written first, so that no command pays for
     another's write-back.
     """
     os.sync()
     p = subprocess.run(["/usr/bin/python3", "-c", LAUNCHER, *argv], capture_output=True, text=True)
-    elapsed, rss, code = p.stderr.strip().splitlines()[-1].split()
+    elapsed, rss, code, cpu = p.stderr.strip().splitlines()[-1].split()
     if int(code) != 0:
         raise SystemExit(f"bench: {' '.join(argv)} failed ({code}): {p.stderr[-500:]}")
-    return float(elapsed), int(rss)
+    return float(elapsed), int(rss), float(cpu)
 
 
 def populate(image: pathlib.Path, data_mib: int, disk_mib: int, rng: random.Random) -> None:
@@ -128,6 +133,31 @@ def hand_pipeline(vm, work: pathlib.Path, copier: str) -> tuple[float, int]:
             time.sleep(0.02)
         shutil.rmtree(run, ignore_errors=True)
         out.unlink(missing_ok=True)
+
+
+def hand_empty(vm, work: pathlib.Path, since: str) -> tuple[float, int, float]:
+    """The fixed cost by hand: virsh backup-begin of an incremental pull job since ``since`` with
+    a new checkpoint, then virsh domjobabort; nothing is dirty, so nothing is copied."""
+    run = work / "hand"
+    run.mkdir(mode=0o700)
+    os.chown(run, *qemu_ids())
+    (work / "hand.xml").write_text(pull_xml(str(run / "nbd.sock")).replace(
+        "<server", f"<incremental>{since}</incremental><server", 1))
+    (work / "hand-chk.xml").write_text("<domaincheckpoint><name>hand-empty</name><disks><disk name='vda' "
+                                       "checkpoint='bitmap'/></disks></domaincheckpoint>")
+    script = (f"set -e; virsh -q backup-begin {vm.name} {work}/hand.xml {work}/hand-chk.xml >/dev/null; "
+              f"virsh -q domjobabort {vm.name} >/dev/null")
+    try:
+        return timed(["bash", "-c", script])
+    finally:
+        # Not timed (libvbackup's time includes it): the job's end, and the checkpoint goes again
+        # so that the chain is libvbackup's alone.
+        deadline = time.monotonic() + 30
+        while vm.has_job() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if "hand-empty" in vm.checkpoints():
+            vm.dom.checkpointLookupByName("hand-empty").delete(0)
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def push_xml(target: pathlib.Path, incremental: str | None = None) -> str:
@@ -377,9 +407,33 @@ def text_like(rng: random.Random, n: int) -> bytes:
     return bytes(out[:n])
 
 
+VIRTNBD_PACKAGES = ("virtnbdbackup", "python3-lz4")  # Debian 12: 1.9.15; lz4 for its --compress
+
+
+def ensure_virtnbdbackup(log) -> str:
+    """virtnbdbackup and python3-lz4, installed with apt-get for this mode if missing (not by
+    scripts/setup: only the benchmark compares against it); its version."""
+    missing = [p for p in VIRTNBD_PACKAGES if "install ok installed" not in subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True).stdout]
+    if missing:
+        log(f"bench: compress: installing {' '.join(missing)} (apt-get) to compare with virtnbdbackup --compress")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        p = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+                           capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise SystemExit(f"bench: compress: apt-get install {' '.join(missing)} failed ({p.returncode}): "
+                             f"{p.stderr[-500:]}; install them by hand (Debian 12 has both) and run again")
+    p = subprocess.run(["virtnbdbackup", "--version"], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"bench: compress: virtnbdbackup --version failed ({p.returncode}): {p.stderr[-500:]}")
+    return p.stdout.strip()
+
+
 def bench_compress(args, work: pathlib.Path, opts: dict, rng: random.Random, add, log) -> dict:
-    """Full pull with and without --compress of the same disk, alternating."""
+    """Full pull with and without --compress of the same disk, and virtnbdbackup -l full
+    --compress (lz4, its own stream format), alternating."""
     disk_mib, text_mib, random_mib = 1024, 512, 64
+    virtnbd_version = ensure_virtnbdbackup(log)
     vm = lab.LabVM([(disk_mib * MiB, "qcow2")], name="lvb-bench-compress", track=False)
     lab.remove_domain(vm.conn, vm.name)
     stored: dict[str, list[int]] = {}
@@ -408,26 +462,53 @@ def bench_compress(args, work: pathlib.Path, opts: dict, rng: random.Random, add
             shutil.rmtree(repo)
             return got
 
+        def virtnbd(r: int):
+            """virtnbdbackup's full backup with --compress, then sync of its files (as durable as
+            ours when it returns). Its checkpoint (virtnbdbackup.0) and ours go before and after
+            (not timed): each full backup starts from a VM without checkpoints."""
+            out = work / f"compress_virtnbdbackup{r}"
+            delete_checkpoints(vm)
+            try:
+                got = timed(["bash", "-c", f"set -e; virtnbdbackup -d {vm.name} -l full -o {out} --compress -n "
+                                           f"-S {work / 'scratch'} >/dev/null 2>&1 || {{ e=$?; tail -5 {out}/*.log "
+                                           f">&2; exit $e; }}; sync {out}/* {out}"])
+                data = list(out.glob("*.data"))
+                if not data:
+                    raise SystemExit(f"bench: compress: virtnbdbackup wrote no .data file in {out}")
+                stored.setdefault("compress_virtnbdbackup", []).append(sum(p.stat().st_size for p in data))
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+                delete_checkpoints(vm)
+            if vm.checkpoints():
+                raise SystemExit(f"bench: compress: checkpoints left after virtnbdbackup: {vm.checkpoints()}")
+            return got
+
         for r in range(args.rounds):
             log(f"bench: compress: round {r + 1}/{args.rounds}")
             alternate(r, [("compress_off", lambda: full("compress_off", r, [])),
-                          ("compress_on", lambda: full("compress_on", r, ["--compress"]))], add)
+                          ("compress_on", lambda: full("compress_on", r, ["--compress"])),
+                          ("compress_virtnbdbackup", lambda: virtnbd(r))], add)
             delete_checkpoints(vm)
     finally:
         destroy_vm(vm)
     return {"disk_bytes": disk_mib * MiB, "data_bytes": (text_mib + random_mib) * MiB,
-            "stored_bytes": {k: max(v) for k, v in stored.items()}}
+            "stored_bytes": {k: max(v) for k, v in stored.items()}, "virtnbdbackup": virtnbd_version}
 
 
 def print_compress(comp: dict, med: dict, rss: dict, ratios: dict) -> None:
     data = comp["data_bytes"]
     print(f"compress: {data / MiB:.0f} MiB of data (7/8 text-like, 1/8 random) on a {comp['disk_bytes'] / MiB:.0f} "
           "MiB disk, full pull")
-    for k in ("compress_off", "compress_on"):
+    for k in ("compress_off", "compress_on", "compress_virtnbdbackup"):
         print(f"  {k:<22} {med[k]:8.3f} s   {data / MiB / med[k]:7.1f} MiB/s   stored "
               f"{comp['stored_bytes'][k] / MiB:8.1f} MiB   peak RSS {rss[k] / 1024:7.1f} MiB")
     print(f"  stored_ratio (off / on) {ratios['compress_stored_ratio']:6.2f}   time ratio (on / off) "
           f"{ratios['compress_time_ratio']:6.2f}")
+    print(f"  virtnbdbackup: stored_ratio (off / it) {ratios['compress_virtnbdbackup_stored_ratio']:6.2f}   time ratio "
+          f"(our on / it) {ratios['compress_on_vs_virtnbdbackup']:6.2f}")
+    print(f"  note: virtnbdbackup {comp['virtnbdbackup']} (-l full --compress: lz4, then sync) writes its own stream "
+          "format (vda.full.data, counted alone), not qcow2: it is restored with virtnbdrestore, not booted or "
+          "read as an image; ours are qcow2 images (.qcow2 files counted)")
 
 
 REMOTE_RUNS = (("remote_local", "local libvirt, unix socket"),
@@ -495,11 +576,12 @@ GOALS = {  # README, section Performance
     "full_vs_best_hand": 1.10,
     "inc_cost_per_dirty_byte_vs_full_per_data_byte": 1.5,
     "restore_vs_qemu_img": 1.10,
+    "inc_empty_minus_hand_seconds": 0.05,  # issue 13: the fixed cost of a command
     "push_full_vs_libvirt_job": 1.5,
     **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
 BIG_RSS_GOAL_MIB = 256
-MODES = ("pull", "push", "big", "chain", "remote", "compress", "s3")
+MODES = ("pull", "push", "big", "chain", "remote", "compress", "s3", "instant")
 DEFAULT_MODES = ("pull", "push")
 
 
@@ -558,10 +640,13 @@ def main() -> int:
                          "against restore of its newest point; remote: full pull from a remote libvirt (qemu+ssh, NBD "
                          "over TLS and plain TCP) against the local unix socket; compress: full pull with and without "
                          "--compress of text-like data; s3: copy to a real S3 server against boto3's upload_file, and restore "
-                         "from the bucket against the local repository")
+                         "from the bucket against the local repository; instant: restore --instant of the tiny guest to its "
+                         "guest-ping (then finalize) against a full restore --start of the same disk")
     ap.add_argument("--big-tib", type=int, default=16, help="size of the big mode's thin disk [default: 16]")
     ap.add_argument("--chain-points", type=int, default=60, help="points of the chain mode [default: 60]")
     ap.add_argument("--s3-mib", type=int, default=256, help="random data of the s3 mode's point [default: 256]")
+    ap.add_argument("--instant-mib", type=int, default=2048,
+                    help="random data (and size) of the instant mode's disk [default: 2048]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     modes = set(args.modes.split(","))
@@ -584,7 +669,7 @@ def main() -> int:
     work = None
     res: dict[str, list] = {}
     dirty_bytes = push_dirty_bytes = 0
-    big = chain = comp = s3 = None
+    big = chain = comp = s3 = inst = None
     sshd = rem = None
     remote_copied: dict[str, list[int]] = {}
 
@@ -639,7 +724,10 @@ def main() -> int:
                     ("full_nbdcopy", lambda: hand_pipeline(vm, work, "nbdcopy")),
                     ("full_qemu_img", lambda: hand_pipeline(vm, work, "qemu-img")),
                 ], add)
-                add("inc_empty", timed(pull + ["--checkpoint", f"b{r}-i0", "--incremental", f"b{r}-full"]))
+                alternate(r, [  # both since the full point, with nothing dirty
+                    ("inc_empty", lambda: timed(pull + ["--checkpoint", f"b{r}-i0", "--incremental", f"b{r}-full"])),
+                    ("inc_empty_hand", lambda: hand_empty(vm, work, f"b{r}-full")),
+                ], add)
                 dirty_bytes = dirty(vm, args.disk_mib, rng)
                 add("inc_1pct", timed(pull + ["--checkpoint", f"b{r}-i1", "--incremental", f"b{r}-i0"]))
                 top = repo / vm.name / f"b{r}-i1" / "vda.qcow2"
@@ -689,6 +777,10 @@ def main() -> int:
             from bench_s3 import bench_s3
 
             s3 = bench_s3(args, work, opts, rng, add, log, timed, CLI, alternate, destroy_vm)
+        if "instant" in modes:
+            from bench_instant import bench_instant
+
+            inst = bench_instant(args, work, opts, rng, add, log, timed, CLI)
     finally:
         try:
             if sshd is not None:
@@ -703,6 +795,7 @@ def main() -> int:
 
     med = {k: statistics.median(v[0] for v in vals) for k, vals in res.items()}
     rss = {k: max(v[1] for v in vals) for k, vals in res.items()}
+    cpu = {k: statistics.median(v[2] for v in vals) for k, vals in res.items() if all(len(v) > 2 for v in vals)}
     data = args.data_mib * MiB
     ratios = {}
     if "pull" in modes:
@@ -715,6 +808,7 @@ def main() -> int:
             "full_vs_qemu_img": med["full_libvbackup"] / med["full_qemu_img"],
             "inc_cost_per_dirty_byte_vs_full_per_data_byte": inc_per_byte / full_per_byte,
             "restore_vs_qemu_img": med["restore_libvbackup"] / med["restore_qemu_img"],
+            "inc_empty_minus_hand_seconds": med["inc_empty"] - med["inc_empty_hand"],
         })
     if "push" in modes:
         ratios.update({
@@ -736,16 +830,23 @@ def main() -> int:
     if comp is not None:
         ratios["compress_stored_ratio"] = comp["stored_bytes"]["compress_off"] / comp["stored_bytes"]["compress_on"]
         ratios["compress_time_ratio"] = med["compress_on"] / med["compress_off"]
+        ratios["compress_virtnbdbackup_stored_ratio"] = (comp["stored_bytes"]["compress_off"]
+                                                         / comp["stored_bytes"]["compress_virtnbdbackup"])
+        ratios["compress_on_vs_virtnbdbackup"] = med["compress_on"] / med["compress_virtnbdbackup"]
     if s3 is not None:
         ratios["s3_copy_vs_upload_file"] = med["s3_copy_libvbackup"] / med["s3_upload_file_boto3"]
         ratios["s3_restore_bucket_vs_local"] = med["s3_restore_bucket"] / med["s3_restore_local"]
+    if inst is not None:
+        from bench_instant import instant_ratios
+
+        ratios.update(instant_ratios(med))
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {platform.release()}",
         "data_mib": args.data_mib, "disk_mib": args.disk_mib, "rounds": args.rounds,
         "storage": where,
         "dirty_bytes": dirty_bytes, "push_dirty_bytes": push_dirty_bytes,
-        "median_seconds": med, "peak_rss_kib": rss, "ratios": ratios,
+        "median_seconds": med, "median_cpu_seconds": cpu, "peak_rss_kib": rss, "ratios": ratios,
         "goals": {k: v for k, v in GOALS.items() if k in ratios},
     }
     if big is not None:
@@ -759,6 +860,8 @@ def main() -> int:
         report["compress"] = comp
     if s3 is not None:
         report["s3"] = s3
+    if inst is not None:
+        report["instant"] = inst
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -771,10 +874,11 @@ def main() -> int:
     if modes & {"pull", "push"}:
         print(f"{args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 disk")
         for k in med:
-            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_")):
-                print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB")
+            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_", "instant_")):
+                used = f"   CPU {cpu[k]:6.3f} s" if k in cpu else ""
+                print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB{used}")
         for k, v in ratios.items():
-            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_")):
+            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_", "instant_")):
                 goal = f"   goal <= {GOALS[k]:.2f}" if k in GOALS else ""
                 print(f"  {k:<48} {v:6.2f}{goal}")
     if rem is not None:
@@ -789,6 +893,10 @@ def main() -> int:
         from bench_s3 import print_s3
 
         print_s3(s3, med, rss, ratios)
+    if inst is not None:
+        from bench_instant import print_instant
+
+        print_instant(inst, med, rss, ratios)
     return 0
 
 

@@ -3,8 +3,9 @@
 The file is --config FILE, else $LIBVBACKUP_CONFIG, else /etc/libvbackup.toml (TOML). A VM (a
 libvirt domain) takes the first [[policy]] whose match names it; VMs named on the command line
 must be named by a policy. Each VM is backed up with its policy's settings over [defaults], then
-pruned by the policy's keep_* rules, if it has any (as libvbackup prune --keep-*). One VM's
-failure never stops the others.
+pruned by the policy's keep_* rules, if it has any (as libvbackup prune --keep-*), then, with
+copy_to, its new points are copied off-site (as libvbackup copy). One VM's failure never stops
+the others.
 
 \b
   [defaults]                # every key optional
@@ -15,6 +16,10 @@ failure never stops the others.
   level = "auto"            # full | inc | diff | auto
   quiesce = "auto"          # auto | yes | no
   jobs = 2                  # VMs backed up at once
+  compress = false          # pull --compress
+  copy_to = "s3://bucket/site1"    # copy off-site after each backup, with
+  key_file = "/root/offsite.key"   #   this key (required with copy_to)
+  s3_endpoint = "https://rgw.example:8443"
   [[policy]]
   match = "web-*"           # fnmatch pattern or exact name, or a list of them
   schedule = "daily"        # a hint shown in the report (the timer decides when)
@@ -93,8 +98,10 @@ def vm_line(r: VmRun) -> None:
                    + (f"; schedule {r.schedule}" if r.schedule else ""))
         return
     pruned = f", pruned {len(r.pruned)} ({keep})" if r.retention else ""
+    offsite = (f", {len(r.copied)} point(s) copied to {r.copy_to} ({human(r.bytes_sent)} sent)"
+               if r.copy_to else "")
     typer.echo(f"ok {r.vm}: {r.level} {r.mode} backup {r.checkpoint}{since}, {human(r.bytes_copied)} copied "
-               f"in {r.seconds:.1f} s{pruned}")
+               f"in {r.seconds:.1f} s{pruned}{offsite}")
     if r.fallback_reason:
         typer.echo(f"  note: {r.fallback_reason}")
     for w in r.warnings:

@@ -258,3 +258,65 @@ def test_compressed_points_restore_and_verify_from_the_bucket(make_vm, repo, wor
         _restore_from(s3server, url, keyfile, vm.name, c, workdir / f"z-{c}", model)
     ok = _s3_cli(s3server, "verify", vm.name, "--repo", url, "--key-file", keyfile)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_copy_killed_mid_upload_resumes_and_run_copies_after_each_backup(make_vm, repo, workdir, s3server, keyfile):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.s3 import Proxy
+
+    rng = random.Random(99)
+    vm = make_vm((48 * MiB, "qcow2"),)
+    vm["vda"].write(0, rng.randbytes(40 * MiB))
+    pull(vm.name, repo=str(repo), checkpoint="k1")
+    model = snap(vm)
+    bucket = s3server.bucket("lvb-killed")
+    url = f"s3://{bucket}/k"
+    proxy = Proxy(s3server.port)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "libvbackup.cli.main", "copy", vm.name, "--repo", str(repo),
+                              "--to", url, "--key-file", keyfile, "--s3-endpoint", proxy.endpoint],
+                             env=s3server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while proxy.sent < 24 * MiB and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGKILL)  # no clean-up at all
+        p.communicate()
+        # What the kernel still had to send for the dead process reaches the server: wait for quiet.
+        last = -1
+        while proxy.sent != last:
+            last = proxy.sent
+            time.sleep(1.5)
+        c = s3server.client()
+        keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert not [k for k in keys if k.endswith(".point")]
+        ups = c.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        held = sum(p["Size"] for u in ups for p in c.list_parts(Bucket=bucket, Key=u["Key"],
+                                                                 UploadId=u["UploadId"])["Parts"])
+        held += sum(o["Size"] for o in c.list_objects_v2(Bucket=bucket).get("Contents", []))
+        assert held >= 8 * MiB  # complete parts survived the kill
+        proxy.sent = 0
+        r = _s3_cli(s3server, "copy", vm.name, "--repo", str(repo), "--to", url, "--key-file", keyfile, "--json",
+                    endpoint=proxy.endpoint)
+        assert r.returncode == 0, r.stderr
+        total = sum(o["Size"] for o in c.list_objects_v2(Bucket=bucket).get("Contents", []))
+        assert total - held <= proxy.sent < total - held + 2 * MiB, (total, held, proxy.sent)
+    finally:
+        proxy.close()
+
+    # `run` copies each VM's new points after its backup, as its policy says.
+    config = workdir / "lvb.toml"
+    config.write_text(f'[defaults]\nrepo = "{repo}"\ncopy_to = "{url}"\nkey_file = "{keyfile}"\n'
+                      f's3_endpoint = "{s3server.endpoint}"\n[[policy]]\nmatch = "{vm.name}"\nlevel = "inc"\n')
+    vm["vda"].write(5 * MiB + 1, b"after the kill")
+    r = cli("run", "--config", str(config), vm.name, "--json", env=s3server.env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = json.loads(r.stdout)["vms"][0]
+    assert run["copy_to"] == url and run["copied"] == [run["checkpoint"]] and run["bytes_sent"] > 0
+    shutil.rmtree(repo)
+    _restore_from(s3server, url, keyfile, vm.name, "k1", workdir / "k1", model)
+    _restore_from(s3server, url, keyfile, vm.name, run["checkpoint"], workdir / "k2", snap(vm))

@@ -194,3 +194,19 @@ def test_where_the_file_is_and_when_its_absence_is_an_error(tmp_path, monkeypatc
         load(str(b))
     with pytest.raises(UsageError, match=rf"^cannot read configuration file {re.escape(str(tmp_path))}: Is a directory$"):
         load(str(tmp_path))
+
+
+def test_off_site_keys_are_checked():
+    from libvbackup.config import parse
+
+    c = parse('[defaults]\ncopy_to = "s3://b1/x"\nkey_file = "/root/k"\ns3_endpoint = "https://s3.example"\n'
+              'compress = true\n[[policy]]\nmatch = "vm*"\n')
+    s = c.policies[0].settings
+    assert (s.copy_to, s.key_file, s.s3_endpoint, s.compress) == ("s3://b1/x", "/root/k", "https://s3.example", True)
+    for text, words in (('[[policy]]\nmatch = "a"\ncopy_to = "s3://b1/x"\n', "needs key_file"),
+                        ('[defaults]\ncopy_to = "/backups"\n', "s3://BUCKET/PREFIX"),
+                        ('[defaults]\ns3_endpoint = "rgw:8443"\n', "http:// or https://"),
+                        ('[defaults]\ncompress = "yes"\n', "true or false"),
+                        ('[defaults]\nkey_file = "k"\n', "absolute path")):
+        with pytest.raises(UsageError, match=words):
+            parse(text)

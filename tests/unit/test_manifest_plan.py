@@ -684,3 +684,12 @@ def test_probe_serves_the_other_disks_when_a_disk_taken_in_full_has_a_broken_bit
     assert checkpoints.Probe(dom, _manifest(), needed=lambda chk: {"vda", "vdb"}).unusable("c3") == why
     other = _Dom(LIBVIRT, {"c3": "checkpoint inconsistent: something else"})
     assert checkpoints.Probe(other, _manifest(), needed=lambda chk: set()).unusable("c3") is not None
+
+
+def test_probe_with_trust_leaves_a_present_checkpoint_to_backup_begin_and_still_plans_lost_ones():
+    from libvbackup import checkpoints
+
+    dom = _Dom(LIBVIRT, {"c3": "checkpoint inconsistent: missing or broken bitmap 'c3' for disk 'vda'"})
+    probe = checkpoints.Probe(dom, _manifest(), trust=True, names=LIBVIRT)
+    assert probe.unusable("c3") is None and dom.asked == []
+    assert checkpoints.Probe(dom, _manifest(), names=LIBVIRT).unusable("c3") is not None and dom.asked == ["c3"]
