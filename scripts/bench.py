@@ -25,7 +25,10 @@ over plain TCP (--no-tls), against the same pull over the local unix socket, alt
 and the ratios to local.
 Compress (--modes compress): full `libvbackup pull` with and without --compress, alternating, of
 a 1 GiB disk holding 512 MiB of text-like data (words and numbers) and 64 MiB of random data:
-seconds, MiB/s of data, bytes stored (the image's file size) and the ratio.
+seconds, MiB/s of data, bytes stored (the image's file size) and the ratio; and virtnbdbackup -l full
+--compress (lz4, its own stream format, not qcow2) of the same VM, installed with apt-get when missing.
+Instant (--modes instant, scripts/bench_instant.py): restore --instant of the tiny guest to its
+guest-ping, and finalize, against a full restore --start of the same disk to its guest-ping.
 """
 
 from __future__ import annotations
@@ -467,17 +470,21 @@ def bench_compress(args, work: pathlib.Path, opts: dict, rng: random.Random, add
             ours when it returns). Its checkpoint (virtnbdbackup.0) and ours go before and after
             (not timed): each full backup starts from a VM without checkpoints."""
             out = work / f"compress_virtnbdbackup{r}"
+            run = work / "virtnbd-run"  # its NBD socket (QEMU makes it): nothing left in /var/tmp
+            run.mkdir(mode=0o700)
+            os.chown(run, *qemu_ids())
             delete_checkpoints(vm)
             try:
                 got = timed(["bash", "-c", f"set -e; virtnbdbackup -d {vm.name} -l full -o {out} --compress -n "
-                                           f"-S {work / 'scratch'} >/dev/null 2>&1 || {{ e=$?; tail -5 {out}/*.log "
-                                           f">&2; exit $e; }}; sync {out}/* {out}"])
+                                           f"-S {work / 'scratch'} -f {run}/nbd.sock >/dev/null 2>&1 || "
+                                           f"{{ e=$?; tail -5 {out}/*.log >&2; exit $e; }}; sync {out}/* {out}"])
                 data = list(out.glob("*.data"))
                 if not data:
                     raise SystemExit(f"bench: compress: virtnbdbackup wrote no .data file in {out}")
                 stored.setdefault("compress_virtnbdbackup", []).append(sum(p.stat().st_size for p in data))
             finally:
                 shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(run, ignore_errors=True)
                 delete_checkpoints(vm)
             if vm.checkpoints():
                 raise SystemExit(f"bench: compress: checkpoints left after virtnbdbackup: {vm.checkpoints()}")

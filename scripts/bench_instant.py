@@ -39,6 +39,60 @@ KEYS = (("instant_restore_cmd", "restore --instant (command)"),
         ("instant_full_to_ping", "full restore --start to guest-ping"))
 
 
+class _Libvirt:
+    """A connection to libvirtd made again when it broke: other runs on this machine restart
+    libvirtd (its domains keep running)."""
+
+    def __init__(self):
+        self.conn = None
+
+    def __call__(self):
+        if self.conn is not None:
+            try:
+                if self.conn.isAlive():
+                    return self.conn
+            except lab.libvirt.libvirtError:
+                pass
+            try:
+                self.conn.close()
+            except lab.libvirt.libvirtError:
+                pass
+        self.conn = lab.ensure_libvirtd()
+        return self.conn
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except lab.libvirt.libvirtError:
+                pass
+
+
+def _ping(lv, name: str, t0: float) -> float:
+    """Seconds from ``t0`` until the agent of domain ``name`` answers guest-ping (polled every
+    0.1 s, as tests.guest.wait_agent_of does, but through a connection made again if libvirtd
+    restarts meanwhile)."""
+    import libvirt_qemu  # noqa: PLC0415
+    from tests.guest import console_tail  # noqa: PLC0415
+
+    last = None
+    while True:
+        try:
+            dom = lv().lookupByName(name)
+            libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', 5, 0)
+            return time.perf_counter() - t0
+        except lab.libvirt.libvirtError as e:
+            last = e
+        if time.perf_counter() - t0 > PING_TIMEOUT:
+            try:
+                tail = console_tail(lv().lookupByName(name))
+            except lab.libvirt.libvirtError as e:
+                tail = str(e)
+            raise SystemExit(f"bench: instant: the agent of {name} did not answer within {PING_TIMEOUT:g} s "
+                             f"(last: {last}); console:\n{tail}")
+        time.sleep(0.1)
+
+
 def _qemu_nbd_of(paths: list[str]) -> list[int]:
     """Pids of qemu-nbd processes whose command line names one of ``paths``."""
     found = []
@@ -54,13 +108,13 @@ def _qemu_nbd_of(paths: list[str]) -> list[int]:
     return found
 
 
-def _remove(conn, name: str, repo: pathlib.Path | None, out: pathlib.Path | None) -> None:
+def _remove(lv, name: str, repo: pathlib.Path | None, out: pathlib.Path | None) -> None:
     """The domain, the instant records of the source VM (their servers stopped by tear_down),
     the output directory."""
     from libvbackup import instantrec  # noqa: PLC0415
     from libvbackup.repo import Repository  # noqa: PLC0415
 
-    lab.remove_domain(conn, name)
+    lab.remove_domain(lv(), name)
     if repo is not None and repo.exists():
         repository = Repository(str(repo))
         for rec in instantrec.records(repository, SOURCE):
@@ -69,14 +123,14 @@ def _remove(conn, name: str, repo: pathlib.Path | None, out: pathlib.Path | None
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _left_behind(conn, repo: pathlib.Path) -> list[str]:
+def _left_behind(lv, repo: pathlib.Path) -> list[str]:
     from libvbackup import instantrec  # noqa: PLC0415
     from libvbackup.repo import Repository  # noqa: PLC0415
 
     left = []
     for name in (INSTANT, FULL):
         try:
-            conn.lookupByName(name)
+            lv().lookupByName(name)
             left.append(f"domain {name}")
         except lab.libvirt.libvirtError:
             pass
@@ -91,17 +145,17 @@ def _left_behind(conn, repo: pathlib.Path) -> list[str]:
 
 
 def bench_instant(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cli: str) -> dict:
-    from tests.guest import GuestVM, wait_agent_of  # noqa: PLC0415
+    from tests.guest import GuestVM  # noqa: PLC0415
 
     data_mib = args.instant_mib
-    conn = lab.ensure_libvirtd()
+    lv = _Libvirt()
     for name in (SOURCE, INSTANT, FULL):
-        lab.remove_domain(conn, name)  # left by an interrupted run
+        lab.remove_domain(lv(), name)  # left by an interrupted run
     vm = None
     repo = work / "instant-repo"
     outs = {INSTANT: None, FULL: None}
     try:
-        vm = GuestVM(disks=[data_mib * MiB], name=SOURCE)
+        vm = GuestVM(disks=[data_mib * MiB], name=SOURCE, conn=lv())
         image = vm.disks[0].path
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(data_mib * MiB)], check=True)
         chunk = work / "instant-chunk.bin"
@@ -114,37 +168,37 @@ def bench_instant(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cl
         chunk.unlink()
         os.chmod(image, 0o644)
         vm.start(images_ready=True)
-        boot = vm.wait_agent(PING_TIMEOUT)
+        boot = _ping(lv, SOURCE, time.perf_counter())
         log(f"bench: instant: {data_mib} MiB of random data written in {time.perf_counter() - t:.1f} s; "
             f"{SOURCE} answered guest-ping {boot:.1f} s after its start")
         repo.mkdir(mode=0o700)
         quiesce = ["--quiesce", "no"] if "--quiesce" in subprocess.run(
             [cli, "pull", "--help"], capture_output=True, text=True).stdout else []
-        pulled, _ = timed([cli, "pull", SOURCE, "--repo", str(repo), "--checkpoint", "ifull", *opts["pull"], *quiesce])
+        pulled = timed([cli, "pull", SOURCE, "--repo", str(repo), "--checkpoint", "ifull", *opts["pull"], *quiesce])[0]
         point = sum(p.stat().st_size for p in (repo / SOURCE / "ifull").glob("*.qcow2"))
-        vm.dom.destroy()  # shut off (still defined): the restores run from the repository alone
+        lv().lookupByName(SOURCE).destroy()  # shut off (still defined): the restores run from the repository alone
         log(f"bench: instant: full pull of {point / MiB:.0f} MiB in {pulled:.1f} s; {SOURCE} shut off")
 
         def instant(r: int) -> None:
             out = outs[INSTANT] = work / f"instant-now-{r}"
             os.sync()
             t0 = time.perf_counter()
-            cmd, rss = timed([cli, "restore", SOURCE, "--repo", str(repo), "--checkpoint", "ifull", "--instant",
-                              "--define", INSTANT, "--output", str(out), "--progress", "none"])
-            dom = conn.lookupByName(INSTANT)
-            wait_agent_of(dom, PING_TIMEOUT)
-            ping = time.perf_counter() - t0
-            add("instant_restore_cmd", (cmd, rss))
+            got = timed([cli, "restore", SOURCE, "--repo", str(repo), "--checkpoint", "ifull", "--instant",
+                         "--define", INSTANT, "--output", str(out), "--progress", "none"])
+            cmd, rss = got[0], got[1]  # (timed() may give more: CPU seconds)
+            ping = _ping(lv, INSTANT, t0)
+            add("instant_restore_cmd", got)
             add("instant_to_ping", (ping, rss))
             fin = timed([cli, "finalize", INSTANT, "--progress", "none"])
             add("instant_finalize", fin)
             info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(out / "vda.qcow2")],
                                              capture_output=True, text=True, check=True).stdout)
+            dom = lv().lookupByName(INSTANT)
             if "backing-filename" in info or "nbd" in dom.XMLDesc(0):
                 raise SystemExit(f"bench: instant: {INSTANT} still has a backing file after finalize")
             if not dom.isActive():
                 raise SystemExit(f"bench: instant: {INSTANT} stopped during finalize")
-            _remove(conn, INSTANT, repo, out)
+            _remove(lv, INSTANT, repo, out)
             log(f"bench: instant: restore --instant {cmd:.2f} s, guest-ping after {ping:.2f} s, "
                 f"finalize {fin[0]:.2f} s")
 
@@ -152,20 +206,20 @@ def bench_instant(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cl
             out = outs[FULL] = work / f"instant-full-{r}"
             os.sync()
             t0 = time.perf_counter()
-            cmd, rss = timed([cli, "restore", SOURCE, "--repo", str(repo), "--checkpoint", "ifull",
-                              "--define", FULL, "--output", str(out), "--start", "--progress", "none"])
-            wait_agent_of(conn.lookupByName(FULL), PING_TIMEOUT)
-            ping = time.perf_counter() - t0
-            add("instant_full_restore_cmd", (cmd, rss))
+            got = timed([cli, "restore", SOURCE, "--repo", str(repo), "--checkpoint", "ifull",
+                         "--define", FULL, "--output", str(out), "--start", "--progress", "none"])
+            cmd, rss = got[0], got[1]
+            ping = _ping(lv, FULL, t0)
+            add("instant_full_restore_cmd", got)
             add("instant_full_to_ping", (ping, rss))
-            _remove(conn, FULL, None, out)
+            _remove(lv, FULL, None, out)
             log(f"bench: instant: full restore --start {cmd:.2f} s, guest-ping after {ping:.2f} s")
 
         for r in range(args.rounds):
             log(f"bench: instant: round {r + 1}/{args.rounds}")
             for run in ((instant, full) if r % 2 == 0 else (full, instant)):
                 run(r)
-            left = _left_behind(conn, repo)
+            left = _left_behind(lv, repo)
             if left:
                 raise SystemExit(f"bench: instant: left behind after round {r + 1}: {', '.join(left)}")
         return {"data_bytes": data_mib * MiB, "point_bytes": point, "pull_seconds": pulled,
@@ -173,14 +227,14 @@ def bench_instant(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cl
     finally:
         try:
             for name, out in outs.items():
-                _remove(conn, name, repo, out)
+                _remove(lv, name, repo, out)
             if vm is not None:
                 vm.destroy()
-            left = _left_behind(conn, repo)
+            left = _left_behind(lv, repo)
             if left:
                 print(f"bench: instant: could not clean up: {', '.join(left)}", file=sys.stderr)
         finally:
-            conn.close()
+            lv.close()
 
 
 def instant_ratios(med: dict) -> dict:
