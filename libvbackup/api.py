@@ -335,7 +335,7 @@ def extract(vm: str, *, repo: str, paths: Sequence[str], output: str, checkpoint
 def backup_many(vms: Sequence[str] = (), *, all_vms: bool = False, repo: str, mode: str = "pull",
                 uri: str | None = None, level: str | None = None, quiesce: str = "auto",
                 scratch_dir: str | None = None, jobs: int = 2, dry_run: bool = False,
-                on_vm: Callable[[VmRun], None] | None = None) -> RunReport:
+                on_vm: Callable[[VmRun], None] | None = None, compress: bool = False) -> RunReport:
     """Back up several VMs at once (``vms``, or ``all_vms``: every domain of the libvirt at
     ``uri``), ``jobs`` at a time, each as ``pull``/``push`` would with these arguments; no
     pruning. One VM's failure never stops the others (see ``run`` for the report)."""
@@ -343,7 +343,10 @@ def backup_many(vms: Sequence[str] = (), *, all_vms: bool = False, repo: str, mo
 
     if bool(vms) == all_vms:
         raise UsageError("name the VMs to back up, or ask for all of them (--all), not both")
-    settings = dict(repo=repo, scratch_dir=scratch_dir, uri=uri, mode=mode, level=level or "full", quiesce=quiesce)
+    if compress and mode != "pull":
+        raise UsageError("--compress is for pull backups: in push mode QEMU writes the images")
+    settings = dict(repo=repo, scratch_dir=scratch_dir, uri=uri, mode=mode, level=level or "full", quiesce=quiesce,
+                    compress=compress)
     policy = _config.Policy(index=0, match=tuple(vms) or ("*",), settings=_config.Settings(**settings), keep=None)
     config = _config.Config(None, _config.Defaults(**settings, jobs=jobs), (policy,))
     return _runner.run_policies(config, vms=list(vms) or None, jobs=jobs, dry_run=dry_run, on_event=on_vm)

@@ -35,8 +35,9 @@ from .errors import NotFound, RepositoryError, UsageError
 HEADER = "libvbackup.json"
 FORMAT = 1
 POINT_SUFFIX = ".point"
-THREADS = 4  # parts uploaded at once per file; frames fetched at once by readers
-CACHE = 8  # frames kept by the readers of one store (8 MiB each): memory does not grow with the chain
+THREADS = 6  # parts uploaded at once per file (each holds one sealed frame while it goes up)
+READERS = 3  # frames fetched at once by the readers of one store
+CACHE = 6  # frames kept by the readers of one store (8 MiB each): memory does not grow with the chain
 AHEAD = 2  # frames a reader fetches ahead of the one it reads
 
 
@@ -85,7 +86,7 @@ class Store:
     @property
     def cache(self) -> "FrameCache":
         if self._cache is None:
-            self._cache = FrameCache(CACHE, THREADS)
+            self._cache = FrameCache(CACHE, READERS)
         return self._cache
 
     def close(self) -> None:
@@ -246,10 +247,13 @@ class Store:
         lock = threading.Lock()
         slots = threading.BoundedSemaphore(THREADS + 1)  # frames in memory: bounded
 
-        def part(i: int, data: bytes) -> None:
+        def part(i: int, holder: list) -> None:
             try:
+                data = holder.pop()  # the only reference: freed once sealed
                 digests[i] = hashlib.sha256(data).digest()
                 sealed = self.sealer.seal(name, i, count, data, digests[i])
+                n = len(data)
+                del data  # only the sealed frame stays in memory while it goes up
                 old = have.get(i + 1)
                 if old and old[0] == len(sealed) and old[1] == hashlib.md5(sealed).hexdigest():
                     etags[i] = old[1]
@@ -257,18 +261,20 @@ class Store:
                     etags[i] = self.bucket.upload_part(name, upload, i + 1, sealed)
                     with lock:
                         sent[0] += len(sealed)
-                on_bytes(len(data))
+                on_bytes(n)
             finally:
                 slots.release()
 
         with concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="s3-part") as pool:
             futures = []
             for i in range(count):
+                slots.acquire()
                 data = f.read(seal.FRAME)
                 if len(data) != min(seal.FRAME, size - i * seal.FRAME):
+                    slots.release()
                     raise RepositoryError(f"{f.name} changed while it was copied")
-                slots.acquire()
-                futures.append(pool.submit(part, i, data))
+                futures.append(pool.submit(part, i, [data]))
+                del data
                 for fu in [x for x in futures if x.done()]:
                     fu.result()  # the first failure stops the file
             for fu in futures:

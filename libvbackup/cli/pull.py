@@ -120,9 +120,10 @@ def backup_command(mode: str, doc: str):
         if all_vms or jobs is not None or len(vms or ()) != 1:
             return run_many(mode=mode, vms=vms or [], all_vms=all_vms, jobs=jobs, repo=repo, level=level,
                             scratch_dir=scratch_dir, uri=uri, dry_run=dry_run, json_out=json_out, quiesce=quiesce,
+                            compress=compress,
                             per_vm=dict(incremental=incremental, checkpoint=checkpoint, disk=disk, exclude=exclude,
                                         scratch_limit=scratch_limit, nbd_address=nbd_address, nbd_port=nbd_port,
-                                        tls_dir=tls_dir, no_tls=no_tls, compress=compress))
+                                        tls_dir=tls_dir, no_tls=no_tls))
         vm = vms[0]
         run(mode=mode, vm=vm, repo=repo, incremental=incremental, level=level, checkpoint=checkpoint,
             disk=disk, exclude=exclude, scratch_dir=scratch_dir, scratch_limit=scratch_limit, uri=uri,
@@ -138,19 +139,21 @@ pull = backup_command("pull", __doc__)
 
 PER_VM = {"incremental": "--incremental", "checkpoint": "--checkpoint", "disk": "--disk", "exclude": "--exclude",
           "scratch_limit": "--scratch-limit", "nbd_address": "--nbd-address", "nbd_port": "--nbd-port",
-          "tls_dir": "--tls-dir", "no_tls": "--no-tls", "compress": "--compress"}
+          "tls_dir": "--tls-dir", "no_tls": "--no-tls"}
 
 
 def run_many(*, mode: str, vms: list[str], all_vms: bool, jobs, repo, level, scratch_dir, uri, dry_run, json_out,
-             quiesce, per_vm: dict) -> None:
+             quiesce, per_vm: dict, compress: bool = False) -> None:
     """Several VMs at once: the options to keyword arguments, the report to text or JSON."""
+    if compress and mode != "pull":
+        raise UsageError("--compress is for pull backups: in push mode QEMU writes the images")
     given = [PER_VM[k] for k, v in per_vm.items() if v]
     if given:
         raise UsageError(f"{', '.join(given)} name(s) one VM's checkpoints, disks or export: back up one VM "
                          "at a time with it")
     report = api.backup_many(vms, all_vms=all_vms, repo=repo_path(repo), mode=mode, uri=uri, level=level,
                              quiesce=quiesce, scratch_dir=scratch_dir, jobs=2 if jobs is None else jobs,
-                             dry_run=dry_run, on_vm=None if json_out else vm_line)
+                             dry_run=dry_run, on_vm=None if json_out else vm_line, compress=compress)
     render_report(report, json_out)
 
 

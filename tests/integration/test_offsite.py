@@ -68,6 +68,10 @@ def test_copy_restore_verify_prune_from_the_bucket_alone(make_vm, repo, workdir,
     models["inc1"] = snap(vm)
     for d in vm.disks:
         random_writes(d, rng, n=6)
+    pull(vm.name, repo=str(repo), checkpoint="inc2", incremental="inc1")
+    models["inc2"] = snap(vm)
+    for d in vm.disks:
+        random_writes(d, rng, n=6)
     pull(vm.name, repo=str(repo), checkpoint="diff1", incremental="full1")
     models["diff1"] = snap(vm)
 
@@ -77,14 +81,14 @@ def test_copy_restore_verify_prune_from_the_bucket_alone(make_vm, repo, workdir,
     dry = _s3_cli(s3server, "copy", vm.name, "--repo", str(repo), "--to", url, "--key-file", keyfile,
                   "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
-    assert [p["state"] for p in json.loads(dry.stdout)["points"]] == ["would copy"] * 3
+    assert [p["state"] for p in json.loads(dry.stdout)["points"]] == ["would copy"] * 4
     assert s3server.objects(bucket) == {}  # a dry run sends nothing
 
     r = _s3_cli(s3server, "copy", vm.name, "--repo", str(repo), "--to", url, "--key-file", keyfile, "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert [(p["checkpoint"], p["state"]) for p in doc["points"]] == [
-        ("full1", "copied"), ("inc1", "copied"), ("diff1", "copied")]
+        ("full1", "copied"), ("inc1", "copied"), ("inc2", "copied"), ("diff1", "copied")]
     assert doc["bytes_sent"] > 0
     assert tree(repo) == before  # the local repository is only read
 
@@ -116,7 +120,7 @@ def test_copy_restore_verify_prune_from_the_bucket_alone(make_vm, repo, workdir,
     shutil.rmtree(repo)
     listed = _s3_cli(s3server, "list", vm.name, "--repo", url, "--key-file", keyfile, "--json")
     assert listed.returncode == 0, listed.stderr
-    assert [p["checkpoint"] for p in json.loads(listed.stdout)["points"]] == ["full1", "inc1", "diff1"]
+    assert [p["checkpoint"] for p in json.loads(listed.stdout)["points"]] == ["full1", "inc1", "inc2", "diff1"]
     for c, model in models.items():
         _restore_from(s3server, url, keyfile, vm.name, c, workdir / f"from-s3-{c}", model)
     ok = _s3_cli(s3server, "verify", vm.name, "--repo", url, "--key-file", keyfile, "--json")
@@ -130,7 +134,9 @@ def test_copy_restore_verify_prune_from_the_bucket_alone(make_vm, repo, workdir,
     bad = _s3_cli(s3server, "verify", vm.name, "--repo", url, "--key-file", keyfile, "--json")
     assert bad.returncode == 9, bad.stdout + bad.stderr
     result = json.JSONDecoder().raw_decode(bad.stdout)[0]  # the result, then the error document
-    assert {p["checkpoint"]: p["ok"] for p in result["points"]} == {"full1": True, "inc1": False, "diff1": True}
+    # inc2 reads the damaged image as its base: it fails too, naming the layer below.
+    assert {p["checkpoint"]: p["ok"] for p in result["points"]} == {"full1": True, "inc1": False, "inc2": False,
+                                                                    "diff1": True}
     assert any("inc1/vdb.qcow2" in problem for problem in result["points"][1]["disks"]["vdb"]["problems"])
     # ... and a restore of that point fails in one line instead of writing what it changed.
     out = workdir / "tampered"
@@ -140,12 +146,13 @@ def test_copy_restore_verify_prune_from_the_bucket_alone(make_vm, repo, workdir,
     assert not out.exists() or not any(out.iterdir())
     s3server.client().put_object(Bucket=bucket, Key=key, Body=objects[key])
 
-    # The bucket's own retention: diff1 is kept, and full1 with it (its base); inc1 goes.
+    # The bucket's own retention: diff1 is kept, and full1 with it (its base); inc1 and inc2 go.
     pr = _s3_cli(s3server, "prune", vm.name, "--repo", url, "--key-file", keyfile, "--keep-last", "1", "--json")
     assert pr.returncode == 0, pr.stderr
     doc = json.loads(pr.stdout)
-    assert (doc["keep"], doc["remove"]) == (["full1", "diff1"], ["inc1"])
-    assert not [n for n in s3server.objects(bucket) if "/inc1" in n]
+    assert (doc["keep"], doc["remove"]) == (["full1", "diff1"], ["inc1", "inc2"])
+    assert doc["reasons"]["full1"] == "needed by diff1"
+    assert not [n for n in s3server.objects(bucket) if "/inc1" in n or "/inc2" in n]
     _restore_from(s3server, url, keyfile, vm.name, "diff1", workdir / "after-prune", models["diff1"])
 
 

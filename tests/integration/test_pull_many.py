@@ -33,8 +33,12 @@ def test_several_vms_at_once(make_vm, repo, workdir):
         assert_restores(repo, vm.name, by_vm[vm.name]["checkpoint"], snap(vm), workdir)
     a.disks[0].write(3 * MiB, b"second round")
     missing = "lvbtest-no-such-vm"
-    res = cli("pull", a.name, missing, b.name, "--repo", str(repo), "--level", "auto", "--quiesce", "no")
+    res = cli("pull", a.name, missing, b.name, "--repo", str(repo), "--level", "auto", "--quiesce", "no",
+              "--compress")
     assert res.returncode == 10, res.stderr
+    points = json.loads(cli("list", a.name, "--repo", str(repo), "--json").stdout)["points"]
+    assert [p["disks"]["vda"]["compression"] in ("zstd", "zlib") for p in points] == [False, True]
+    assert_restores(repo, a.name, points[-1]["checkpoint"], snap(a), workdir)
     assert res.stderr.strip().splitlines() == [f"libvbackup: error: 1 of 3 VMs failed: {missing} (exit 3)"]
     lines = res.stdout.splitlines()
     assert any(line.startswith(f"ok {a.name}: incremental pull backup ") for line in lines)
