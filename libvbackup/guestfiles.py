@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 from .errors import Interrupted, NotFound, ToolError, UsageError
 from .progress import Progress
 from .repo import Repository
-from .restore import select
+from .restore import select_disk
 from .results import ExtractResult, FileEntry, FilesResult
 from .signals import raising
 
@@ -159,12 +159,7 @@ def open_point(vm: str, *, repo: str, checkpoint: str | None = None, disk: str |
     """The point's disk (``disk`` needed when it has several) in a libguestfs appliance, one of
     its file systems mounted read-only: checked before the appliance starts, closed on leaving."""
     repository = Repository(repo)
-    m, point, names = select(repository, vm, checkpoint, [disk] if disk else ())
-    if disk is None:
-        if len(names) > 1:
-            raise UsageError(f"point {point.checkpoint!r} has disks {', '.join(names)}; choose one with --disk")
-        disk = names[0]
-    image = str(repository.image(vm, point.disks[disk].image))
+    m, point, disk, image = select_disk(repository, vm, checkpoint, disk)
     try:
         import guestfs
     except ImportError as e:

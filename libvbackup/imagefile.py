@@ -42,6 +42,16 @@ class _Done:
         self.value = value
 
 
+def wait_wake(wake_fd: int | None, timeout_ms: int) -> None:
+    """``step`` of a source whose reads complete in threads: wait until one signals ``wake_fd``
+    (an eventfd), or ``timeout_ms``."""
+    p = select.poll()
+    if wake_fd is not None:
+        p.register(wake_fd, select.POLLIN)
+    for fd, _ev in p.poll(timeout_ms):
+        os.eventfd_read(fd)
+
+
 class FileSource:
     """``own_layer``: the ranges this image holds itself are the dirty ones (else every range
     counts, and what the image does not hold reads as zeroes: an image without backing).
@@ -239,11 +249,7 @@ class FileSource:
         buf[:] = chain.pread(len(buf), offset)
 
     def step(self, wake_fd: int | None = None, timeout_ms: int = 1000) -> None:
-        p = select.poll()
-        if wake_fd is not None:
-            p.register(wake_fd, select.POLLIN)
-        for fd, _ev in p.poll(timeout_ms):
-            os.eventfd_read(fd)
+        wait_wake(wake_fd, timeout_ms)
 
     def pread(self, length: int, offset: int) -> bytes:
         buf = memoryview(bytearray(length))

@@ -20,7 +20,7 @@ import time
 
 from .errors import ToolError, UsageError
 from .repo import Repository
-from .restore import select
+from .restore import select_disk
 from .results import MapResult
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -60,12 +60,7 @@ class Mapping:
 def map_point(vm: str, *, repo: str, checkpoint: str | None = None, disk: str | None = None,
               port: int | None = None, address: str | None = None, tls_dir: str | None = None) -> Mapping:
     repository = Repository(repo)
-    m, point, names = select(repository, vm, checkpoint, [disk] if disk else ())
-    if disk is None:
-        if len(names) > 1:
-            raise UsageError(f"point {point.checkpoint!r} has disks {', '.join(names)}; choose one with --disk")
-        disk = names[0]
-    image = str(repository.image(vm, point.disks[disk].image))
+    m, point, disk, image = select_disk(repository, vm, checkpoint, disk)
     if port is None and (address or tls_dir):
         raise UsageError("--address and --tls-dir need --port (the default is a private unix socket)")
     argv = ["qemu-nbd", "--read-only", "--persistent", "--shared=8", "-f", "qcow2", "-x", disk]

@@ -23,7 +23,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass
 from typing import Callable

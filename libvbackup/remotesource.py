@@ -12,10 +12,9 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import os
-import select
 import zlib
 
-from . import qcow2map
+from . import imagefile, qcow2map
 from .errors import CopyError, Error
 from .extents import Extent
 from .offsite import RemoteFile
@@ -172,11 +171,7 @@ class RemoteSource:
             i += 1
 
     def step(self, wake_fd: int | None = None, timeout_ms: int = 1000) -> None:
-        p = select.poll()
-        if wake_fd is not None:
-            p.register(wake_fd, select.POLLIN)
-        for fd, _ev in p.poll(timeout_ms):
-            os.eventfd_read(fd)
+        imagefile.wait_wake(wake_fd, timeout_ms)
 
     def pread(self, length: int, offset: int) -> bytes:
         buf = memoryview(bytearray(length))

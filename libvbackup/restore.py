@@ -85,6 +85,17 @@ def select(repository: Repository, vm: str, checkpoint: str | None, disks: Seque
     return m, point, names
 
 
+def select_disk(repository: Repository, vm: str, checkpoint: str | None, disk: str | None):
+    """The manifest, the point and the one disk to open (``disk`` is needed when the point has
+    several), its chain checked as by ``select``: (manifest, point, disk, the point's image)."""
+    m, point, names = select(repository, vm, checkpoint, [disk] if disk else ())
+    if disk is None:
+        if len(names) > 1:
+            raise UsageError(f"point {point.checkpoint!r} has disks {', '.join(names)}; choose one with --disk")
+        disk = names[0]
+    return m, point, disk, str(repository.image(vm, point.disks[disk].image))
+
+
 def check_output(output: str) -> pathlib.Path:
     out = pathlib.Path(output).absolute()
     if out.exists():

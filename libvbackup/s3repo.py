@@ -20,7 +20,7 @@ import logging
 import os
 from typing import Sequence
 
-from . import offsite, restore as restore_mod, retention, seal, sums, verify as verify_mod
+from . import offsite, restore as restore_mod, retention, sums, verify as verify_mod
 from .errors import Error, NotFound, RepositoryError, UsageError
 from .manifest import Manifest, Point, PointDisk
 from .offsite import Store

@@ -88,6 +88,23 @@ def guest(guest_boot_files):
     vm.destroy()
 
 
+@pytest.fixture
+def grepo(guest, repo):
+    """A repository for the shared guest; the guest is thawed before and after, and the
+    checkpoints the test made are deleted afterwards (leaves first)."""
+    import libvirt
+
+    guest.thaw()
+    yield repo
+    guest.thaw()
+    for _ in range(50):
+        leaves = guest.dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES)
+        if not leaves:
+            break
+        for c in leaves:
+            c.delete(0)
+
+
 @pytest.fixture(scope="session")
 def pki():
     """The test PKI (tests.remote.Pki): CA, server/, client/, rogue-client/; built once and

@@ -18,7 +18,6 @@ import time
 import uuid
 
 import jsonschema
-import libvirt
 import pytest
 
 from libvbackup import api, schemas
@@ -28,19 +27,6 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 WHEN1 = "2021-03-04 05:06:07"
 WHEN2 = "2022-11-12 13:14:15"
-
-
-@pytest.fixture
-def grepo(guest, repo):
-    """A repository for the shared guest; its checkpoints are deleted afterwards (leaves first)."""
-    guest.thaw()
-    yield repo
-    for _ in range(50):
-        leaves = guest.dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES)
-        if not leaves:
-            break
-        for c in leaves:
-            c.delete(0)
 
 
 def start(*args: str) -> subprocess.Popen:

@@ -27,19 +27,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def grepo(guest, repo):
-    """A repository for the shared guest; its checkpoints are deleted afterwards (leaves first)."""
-    guest.thaw()
-    yield repo
-    for _ in range(50):
-        leaves = guest.dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES)
-        if not leaves:
-            break
-        for c in leaves:
-            c.delete(0)
-
-
-@pytest.fixture
 def instant_names(lab, guest, grepo):
     """Names of instant domains the test makes: removed afterwards with whatever they left."""
     names: list[str] = []

@@ -15,7 +15,6 @@ import sys
 import textwrap
 import time
 
-import libvirt
 import pytest
 
 from libvbackup import api, virt
@@ -25,20 +24,6 @@ from libvbackup.repo import Repository
 from .helpers import cli, leftovers
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def grepo(guest, repo):
-    """A repository for the shared guest; its checkpoints are deleted afterwards (leaves first)."""
-    guest.thaw()
-    yield repo
-    guest.thaw()
-    for _ in range(50):
-        leaves = guest.dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES)
-        if not leaves:
-            break
-        for c in leaves:
-            c.delete(0)
 
 
 def fs_file(image_raw, path: str) -> bytes | None:
