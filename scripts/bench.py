@@ -752,14 +752,14 @@ def main() -> int:
                 add("inc_1pct", timed(pull + ["--checkpoint", f"b{r}-i1", "--incremental", f"b{r}-i0"]))
                 top = repo / vm.name / f"b{r}-i1" / "vda.qcow2"
                 out = work / "restore"
-                chain = sorted((repo / vm.name).glob("*/vda.qcow2"))
+                chain_files = sorted((repo / vm.name).glob("*/vda.qcow2"))
                 # Each restore reads the chain from the disk, as a restore long after the backup does
                 # (the pull left it out of the page cache; the first reader would warm it for the second).
                 alternate(r, [
-                    ("restore_libvbackup", lambda: evicted(chain) and timed(
+                    ("restore_libvbackup", lambda: evicted(chain_files) and timed(
                         [CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint", f"b{r}-i1", "--output", str(out),
                          "--progress", "none"])),
-                    ("restore_qemu_img", lambda: evicted(chain) and timed(
+                    ("restore_qemu_img", lambda: evicted(chain_files) and timed(
                         ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qcow2", str(top),
                          str(work / "ref.qcow2")])),
                 ], add)
