@@ -52,9 +52,11 @@ def copy(vms: Sequence[str] = (), *, repo: str, to: str, all_vms: bool = False, 
     manifests = {}
     for vm in names:
         m = repository.load(vm)
-        if not m.points:
+        if not m.points and not all_vms:
             raise NotFound(f"repository {repository.root} holds no backups of VM {vm!r}")
-        manifests[vm] = m
+        if m.points:  # --all: a VM whose points were all pruned has nothing to send
+            manifests[vm] = m
+    names = list(manifests)
     with contextlib.closing(_store(to, endpoint, key_file, no_encrypt, create=True)) as store:
         return _copy(repository, store, names, manifests, dry_run, progress)
 
@@ -200,6 +202,8 @@ class _BucketVerifier(verify_mod._Verifier):
     byte anywhere in an object is found."""
 
     def __init__(self, b: _Bucket):
+        # The local verifier uses its repository only for path conventions (backing names),
+        # which a bucket shares; every read goes through the hooks below.
         super().__init__(Repository("/nonexistent"), b.m)
         self.b = b
 

@@ -229,8 +229,11 @@ def test_bucket_faults_are_one_line_and_touch_nothing(make_vm, repo, workdir, s3
     assert tree(repo) == before
     assert s3server.objects(bucket) == {}
     # Unencrypted on request: plain qcow2 objects, restorable, and their digests checked.
-    r = _s3_cli(s3server, "copy", vm.name, "--repo", str(repo), "--no-encrypt", "--to", f"s3://{bucket}/plain")
+    r = _s3_cli(s3server, "copy", "--all", "--repo", str(repo), "--no-encrypt", "--to", f"s3://{bucket}/plain",
+                "--json")
     assert r.returncode == 0, r.stderr
+    assert [(p["vm"], p["checkpoint"], p["state"]) for p in json.loads(r.stdout)["points"]] == [
+        (vm.name, "c1", "copied")]
     assert s3server.objects(bucket)[f"plain/{vm.name}/c1/vda.qcow2"][:4] == b"QFI\xfb"
     r = _s3_cli(s3server, "copy", vm.name, "--repo", str(repo), "--key-file", keyfile, "--to", f"s3://{bucket}/plain")
     assert "unencrypted" in _one_line_error(r, 2)
