@@ -23,6 +23,8 @@ Remote (--modes remote): `libvbackup pull` (full) of the VM from a remote libvir
 private sshd on 127.0.0.1 to this host's libvirtd, test PKI) with the NBD export over TCP and TLS, and
 over plain TCP (--no-tls), against the same pull over the local unix socket, alternating; MiB/s of data
 and the ratios to local.
+Many (--modes many, scripts/bench_many.py): `libvbackup pull VM1 VM2 --jobs 2` against two hand
+pipelines (virsh + nbdcopy --flush) started at once; aggregate MiB/s (--many-vms N VMs).
 Compress (--modes compress): full `libvbackup pull` with and without --compress, alternating, of
 a 1 GiB disk holding 512 MiB of text-like data (words and numbers) and 64 MiB of random data:
 seconds, MiB/s of data, bytes stored (the image's file size) and the ratio; and virtnbdbackup -l full
@@ -601,7 +603,7 @@ GOALS = {  # README, section Performance
     **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
 BIG_RSS_GOAL_MIB = 256
-MODES = ("pull", "push", "big", "chain", "remote", "compress", "s3", "instant")
+MODES = ("pull", "push", "big", "chain", "remote", "compress", "s3", "instant", "many")
 DEFAULT_MODES = ("pull", "push")
 
 
@@ -665,6 +667,8 @@ def main() -> int:
     ap.add_argument("--big-tib", type=int, default=16, help="size of the big mode's thin disk [default: 16]")
     ap.add_argument("--chain-points", type=int, default=60, help="points of the chain mode [default: 60]")
     ap.add_argument("--s3-mib", type=int, default=256, help="random data of the s3 mode's point [default: 256]")
+    ap.add_argument("--many-vms", type=int, default=2, help="VMs of the many mode, each with --data-mib on a "
+                                                            "--disk-mib disk [default: 2]")
     ap.add_argument("--instant-mib", type=int, default=2048,
                     help="random data (and size) of the instant mode's disk [default: 2048]")
     ap.add_argument("--json", action="store_true")
@@ -689,7 +693,7 @@ def main() -> int:
     work = None
     res: dict[str, list] = {}
     dirty_bytes = push_dirty_bytes = 0
-    big = chain = comp = s3 = inst = None
+    big = chain = comp = s3 = inst = many = None
     sshd = rem = None
     remote_copied: dict[str, list[int]] = {}
 
@@ -806,6 +810,11 @@ def main() -> int:
             from bench_instant import bench_instant
 
             inst = bench_instant(args, work, opts, rng, add, log, timed, CLI)
+        if "many" in modes:
+            from bench_many import bench_many
+
+            many = bench_many(args, work, opts, rng, add, log, timed, CLI, alternate, destroy_vm, populate, pull_xml,
+                              qemu_ids, delete_checkpoints)
     finally:
         try:
             if sshd is not None:
@@ -862,6 +871,8 @@ def main() -> int:
         ratios["s3_copy_vs_upload_file"] = med["s3_copy_libvbackup"] / med["s3_upload_file_boto3"]
         ratios["s3_restore_bucket_vs_local"] = med["s3_restore_bucket"] / med["s3_restore_local"]
         ratios["s3_restore_bucket_vs_download_file"] = med["s3_restore_bucket"] / med["s3_download_file_boto3"]
+    if many is not None:
+        ratios["many_vs_nbdcopy"] = med["many_libvbackup"] / med["many_nbdcopy"]
     if inst is not None:
         from bench_instant import instant_ratios
 
@@ -888,6 +899,8 @@ def main() -> int:
         report["s3"] = s3
     if inst is not None:
         report["instant"] = inst
+    if many is not None:
+        report["many"] = many
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -900,11 +913,11 @@ def main() -> int:
     if modes & {"pull", "push"}:
         print(f"{args.data_mib} MiB of random data on a {args.disk_mib} MiB qcow2 disk")
         for k in med:
-            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_", "instant_")):
+            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_", "instant_", "many_")):
                 used = f"   CPU {cpu[k]:6.3f} s" if k in cpu else ""
                 print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB{used}")
         for k, v in ratios.items():
-            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_", "instant_")):
+            if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_", "instant_", "many_")):
                 goal = f"   goal <= {GOALS[k]:.2f}" if k in GOALS else ""
                 print(f"  {k:<48} {v:6.2f}{goal}")
     if rem is not None:
@@ -923,6 +936,10 @@ def main() -> int:
         from bench_instant import print_instant
 
         print_instant(inst, med, rss, ratios)
+    if many is not None:
+        from bench_many import print_many
+
+        print_many(many, med, rss, ratios)
     return 0
 
 
