@@ -20,7 +20,7 @@ import logging
 import os
 from typing import Sequence
 
-from . import offsite, restore as restore_mod, retention, sums, verify as verify_mod
+from . import offsite, restore as restore_mod, retention, seal, sums, verify as verify_mod
 from .errors import Error, NotFound, RepositoryError, UsageError
 from .manifest import Manifest, Point, PointDisk
 from .offsite import Store
@@ -79,8 +79,13 @@ def _copy(repository: Repository, store: Store, names: list[str], manifests: dic
 
 def _plan(repository: Repository, store: Store, m: Manifest):
     """(point, already in the bucket, {file: local size}) for every point, oldest first; every
-    file checked to be there before anything is sent."""
-    present = set(store.point_names(m.vm))
+    file checked to be there before anything is sent.
+
+    A point in the bucket one of whose objects is missing or has the wrong size (truncated, or
+    deleted by hand) is sent again when the local files are the ones it was copied from (the
+    sizes its point object records): the objects that are right stay, the others go up again."""
+    listing = store.names(m.vm)
+    present = set(store.point_names(m.vm, listing))
     out = []
     for p in m.points:
         sizes = {}
@@ -94,8 +99,24 @@ def _plan(repository: Repository, store: Store, m: Manifest):
                     continue
                 raise RepositoryError(f"cannot read {path} of point {p.checkpoint!r}: {e.strerror}",
                                       "run 'libvbackup verify' on the local repository") from e
-        out.append((p, p.checkpoint in present, sizes))
+        whole = p.checkpoint in present and not _damaged(store, m.vm, p.checkpoint, sizes, listing)
+        out.append((p, whole, sizes))
     return out
+
+
+def _damaged(store: Store, vm: str, checkpoint: str, sizes: dict[str, int], listing: dict[str, int]) -> bool:
+    """A point in the bucket whose objects do not all have their sizes, and that the local files
+    (the same sizes as it records) can repair."""
+    enc = store.sealer.encrypted
+    if all(listing.get(offsite.file_name(vm, rel)) == seal.sealed_size(n, enc) for rel, n in sizes.items()):
+        return False
+    stored, _uuid = store.read_point(vm, checkpoint)
+    if {rel: info.size for rel, info in stored.files.items()} != sizes:
+        log.warning("point %s of %s in %s has damaged objects that the local files cannot repair "
+                    "(they changed since the copy); run verify on the bucket", checkpoint, vm, store.url)
+        return False
+    log.warning("point %s of %s in %s has missing or truncated objects: sending them again", checkpoint, vm, store.url)
+    return True
 
 
 def _copy_vm(repository: Repository, store: Store, m: Manifest, plan, progress: str) -> list[CopiedPoint]:

@@ -330,3 +330,33 @@ def test_copy_killed_mid_upload_resumes_and_run_copies_after_each_backup(make_vm
     shutil.rmtree(repo)
     _restore_from(s3server, url, keyfile, vm.name, "k1", workdir / "k1", model)
     _restore_from(s3server, url, keyfile, vm.name, run["checkpoint"], workdir / "k2", snap(vm))
+
+
+def test_a_truncated_object_is_one_line_and_the_next_copy_repairs_it(make_vm, repo, workdir, s3server, keyfile):
+    rng = random.Random(5)
+    vm = make_vm((16 * MiB, "qcow2"),)
+    vm["vda"].write(MiB + 3, rng.randbytes(10 * MiB))  # an image of two frames
+    pull(vm.name, repo=str(repo), checkpoint="t1")
+    bucket = s3server.bucket("lvb-truncated")
+    url = f"s3://{bucket}/t"
+    assert _s3_cli(s3server, "copy", vm.name, "--repo", str(repo), "--to", url, "--key-file", keyfile).returncode == 0
+    c = s3server.client()
+    key = f"t/{vm.name}/t1/vda.qcow2"
+    body = c.get_object(Bucket=bucket, Key=key)["Body"].read()
+    c.put_object(Bucket=bucket, Key=key, Body=body[:len(body) - 1000])
+    out = workdir / "truncated"
+    err = _one_line_error(_s3_cli(s3server, "restore", vm.name, "--repo", url, "--key-file", keyfile,
+                                  "--output", str(out)), 9)
+    assert "t1/vda.qcow2" in err and "truncated" in err
+    assert not out.exists() or not any(out.iterdir())
+    bad = _s3_cli(s3server, "verify", vm.name, "--repo", url, "--key-file", keyfile)
+    assert bad.returncode == 9 and "t1/vda.qcow2" in bad.stdout, bad.stdout + bad.stderr
+    r = _s3_cli(s3server, "copy", vm.name, "--repo", str(repo), "--to", url, "--key-file", keyfile, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [p["state"] for p in doc["points"]] == ["copied"]
+    assert len(body) <= doc["bytes_sent"] < len(body) + 64 * 1024  # the image again, not its checksums
+    assert c.get_object(Bucket=bucket, Key=key)["Body"].read() == body  # sealing is deterministic
+    ok = _s3_cli(s3server, "verify", vm.name, "--repo", url, "--key-file", keyfile)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    _restore_from(s3server, url, keyfile, vm.name, "t1", workdir / "repaired", snap(vm))
