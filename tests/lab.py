@@ -297,21 +297,31 @@ class LabVM:
         return self.dom.jobStats(0).get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE
 
     def destroy(self) -> None:
-        # A fresh connection: a test may have restarted libvirtd under the old one.
-        conn = ensure_libvirtd()
-        try:
-            remove_domain(conn, self.name)
-        finally:
-            conn.close()
+        # A fresh connection each try: a test (or another run) may have restarted libvirtd.
+        for attempt in range(5):
+            try:
+                conn = ensure_libvirtd()
+                try:
+                    remove_domain(conn, self.name)
+                finally:
+                    conn.close()
+                break
+            except libvirt.libvirtError:
+                if attempt == 4:
+                    raise  # a domain left defined must fail the test, not hide
+                time.sleep(1)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def remove_domain(conn: libvirt.virConnect, name: str) -> None:
-    """Stop and undefine a domain (with its checkpoint metadata), if it exists."""
+    """Stop and undefine a domain (with its checkpoint metadata), if it exists; a libvirtError
+    if it is still defined afterwards (libvirtd restarted under the connection, say)."""
     try:
         dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return
+        raise
     try:
         if dom.isActive():
             dom.destroy()
@@ -319,5 +329,6 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> None:
         pass
     try:
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-    except libvirt.libvirtError:
-        pass
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
