@@ -4,7 +4,9 @@ Layers, from the bottom up (each module imports only from the ones above it in t
 tests/unit/test_layers.py holds the code to it):
 
 - ``errors``      the one exception hierarchy
-- ``results``     what operations return: frozen dataclasses, ``to_dict`` for --json (pure)
+- ``results``     what a backup job returns (pull, push, prune, run, progress): frozen dataclasses, ``to_dict``
+                  for --json (pure)
+- ``outcomes``    what the other operations return (pure)
 - ``domxml``      reading a domain's XML: which disks can be backed up (pure)
 - ``domdef``      a new domain definition from the XML saved with a point (pure)
 - ``netexport``   where a pull export listens when not on this host: address, ports, TLS

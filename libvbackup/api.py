@@ -49,16 +49,17 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 # The operation modules are imported by the functions that use them: a command (or a program)
 # then loads only what its operation needs (README, "Where the time goes").
-from .results import ExtractResult, FilesResult
 from .errors import UsageError
-from .results import (AbortResult, BackupResult, CheckpointsResult, DefinedResult, InPlaceResult, ListResult,
-                      ProgressEvent, PruneResult, RestoreResult, RunReport, StatusResult, VerifyResult, VmRun)
-from .results import CopyResult, FinalizeResult, InstantResult
+from .results import ProgressEvent
 from .progress import MODES
 from .retention import Policy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the outcome classes load with the operations that make them
     from .mapping import Mapping
+    from .outcomes import (AbortResult, CheckpointsResult, CopyResult, DefinedResult, ExtractResult, FilesResult,
+                           FinalizeResult, InPlaceResult, InstantResult, ListResult, RestoreResult, StatusResult,
+                           VerifyResult)
+    from .results import BackupResult, PruneResult, RunReport, VmRun
 
 __all__ = ["pull", "push", "backup_many", "list_points", "restore", "verify", "prune", "run", "map_point", "checkpoints",
            "status", "abort", "files", "extract", "ProgressEvent", "Mapping",

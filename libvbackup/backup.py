@@ -20,6 +20,7 @@ that was killed is cleaned up by the next one, which finds its journal under the
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import pathlib
@@ -27,7 +28,7 @@ import stat
 import time
 from typing import Callable, Sequence
 
-from . import checkpoints, domxml, journal, manifest as mf, offline, pull as pull_transport, push as push_transport
+from . import checkpoints, domxml, journal, manifest as mf, offline
 from . import netexport, quiesce, scratch, xmlgen
 from .documents import Documents, documents
 from .errors import Error, Interrupted, LibvirtError, RepositoryError, StateError, UsageError
@@ -42,7 +43,13 @@ from .virt import Connection
 log = logging.getLogger(__name__)
 
 MODES = ("pull", "push")  # what a caller asks for; a shut-off VM's pull goes offline
-TRANSPORTS = {"pull": pull_transport.run, "push": push_transport.run, "offline": offline.run}
+TRANSPORTS = ("pull", "push", "offline")  # modules with run(RunContext): imported by the run that uses one
+
+
+def _transport(name: str):
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown transport {name!r}")
+    return importlib.import_module(f".{name}", __package__).run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +324,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
         freezer = quiesce.Freezer(dom, planned.quiesce, dom.uri, frozen)
         ctx = RunContext(repository, dom, docs, planned.manifest, partial, progress, scratch_limit, on_job_started,
                          freezer, planned.net, planned.remote, compress=req.compress)
-        results = TRANSPORTS[planned.transport](ctx)
+        results = _transport(planned.transport)(ctx)
         point = _point(repository, dom, planned, req, record, results, time.monotonic() - t0, freezer)
         repository.commit_point(planned.manifest, point)
         journal.cleanup(repository, dom, record)  # the point is in the manifest: only the run dir goes

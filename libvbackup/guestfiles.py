@@ -38,7 +38,7 @@ from .errors import Interrupted, NotFound, ToolError, UsageError
 from .progress import Progress
 from .repo import Repository
 from .restore import select_disk
-from .results import ExtractResult, FileEntry, FilesResult
+from .outcomes import ExtractResult, FileEntry, FilesResult
 from .signals import raising
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from .errors import Error, LibvirtError, RepositoryError, StateError, UsageError
 from .progress import Progress
 from .repo import Repository
 from .restore import check_output, select
-from .results import FinalizedDisk, FinalizeResult, InstantDisk, InstantResult
+from .outcomes import FinalizedDisk, FinalizeResult, InstantDisk, InstantResult
 from .signals import umask
 from .virt import Connection
 from .vmrestore import _check_reachable

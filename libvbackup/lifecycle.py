@@ -14,7 +14,7 @@ import time
 from . import checkpoints as chk_mod, journal, lock
 from .errors import Error, NotFound, StateError
 from .repo import Repository
-from .results import AbortResult, CheckpointInfo, CheckpointsResult, StatusResult
+from .outcomes import AbortResult, CheckpointInfo, CheckpointsResult, StatusResult
 from .virt import Connection
 
 log = logging.getLogger(__name__)

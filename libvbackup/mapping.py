@@ -21,7 +21,7 @@ import time
 from .errors import ToolError, UsageError
 from .repo import Repository
 from .restore import select_disk
-from .results import MapResult
+from .outcomes import MapResult
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 START = 30.0

@@ -259,6 +259,9 @@ class Source:
 def _handle(export: str, contexts: Sequence[str], index: int, tls_dir: str | None = None) -> "nbd.NBD":
     h = nbd.NBD()
     h.set_handle_name(f"src-{export}-{index}")
+    # libnbd zeroes every read buffer before the read by default (5-6% of a full pull's CPU);
+    # our buffers are reused and a failed read's buffer is never used.
+    h.set_pread_initialize(False)
     h.set_export_name(export)
     for ctx in contexts:
         h.add_meta_context(ctx)

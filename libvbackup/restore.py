@@ -17,7 +17,7 @@ from .errors import NotFound, RepositoryError, UsageError
 from .progress import Progress
 from .repo import Repository, fsync_dir as repo_fsync_dir
 from .signals import umask
-from .results import ListResult, PointDiskInfo, PointInfo, RestoredDisk, RestoreResult
+from .outcomes import ListResult, PointDiskInfo, PointInfo, RestoredDisk, RestoreResult
 
 FORMATS = ("qcow2", "raw")
 

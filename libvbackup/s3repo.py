@@ -27,8 +27,9 @@ from .offsite import Store
 from .progress import Progress
 from .remotesource import RemoteSource
 from .repo import Repository
-from .results import (CopiedPoint, CopyResult, ListResult, PointDiskInfo, PointInfo, PruneResult, RestoreResult,
-                      VerifiedPoint, VerifyResult)
+from .results import PruneResult
+from .outcomes import (CopiedPoint, CopyResult, ListResult, PointDiskInfo, PointInfo, RestoreResult, VerifiedPoint,
+                       VerifyResult)
 
 log = logging.getLogger(__name__)
 

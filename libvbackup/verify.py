@@ -19,7 +19,7 @@ from . import checksum, engine, imagefile, instantrec, qcow2, qcow2map, records
 from .errors import Error, NotFound
 from .manifest import Manifest, Point, PointDisk
 from .repo import Repository
-from .results import InstantUse, VerifiedDisk, VerifiedPoint, VerifyResult
+from .outcomes import InstantUse, VerifiedDisk, VerifiedPoint, VerifyResult
 
 log = logging.getLogger(__name__)
 

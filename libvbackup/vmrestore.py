@@ -31,7 +31,7 @@ from . import domdef, domxml, journal
 from .errors import Error, NotFound, RepositoryError, StateError, UsageError
 from .repo import Repository, fsync_dir
 from .restore import FORMATS, check_output, select, write_disk, write_images
-from .results import DefinedResult, InPlaceResult, RestoredDisk
+from .outcomes import DefinedResult, InPlaceResult, RestoredDisk
 from .signals import umask
 from .virt import Connection
 

@@ -34,7 +34,7 @@ from typing import List, Optional
 import typer
 
 from .. import api
-from ..results import DefinedResult, InPlaceResult, InstantResult
+from ..outcomes import DefinedResult, InPlaceResult, InstantResult
 from .common import (KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, ProgressOpt, RepoOpt, UriOpt, as_list, complete_checkpoint, complete_vm, emit_json,
                      progress_mode, repo_path)
 

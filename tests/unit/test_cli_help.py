@@ -38,3 +38,33 @@ def test_top_level_help_lists_commands_and_exit_codes():
     for command in COMMANDS:
         assert re.search(rf"^\s+{command}\s", text, re.M), command
     assert "Exit codes:" in text and '"error": MESSAGE' in text
+
+
+def _cli(*args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "libvbackup.cli.main", *args], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_output_that_cannot_be_written_is_one_line_and_a_failure():
+    """The command ends with os._exit after flushing: a full disk under stdout is still an error."""
+    with open("/dev/full", "w") as full:
+        p = _cli("completion", "bash", stdout=full)
+    assert p.returncode == 1
+    assert p.stderr.startswith("libvbackup: error: ") and "No space left on device" in p.stderr, p.stderr
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+
+
+def test_a_json_error_document_that_cannot_be_written_keeps_the_error(tmp_path):
+    with open("/dev/full", "w") as full:
+        p = _cli("list", "nosuch", "--repo", str(tmp_path), "--json", stdout=full)
+    assert p.returncode == 3
+    assert p.stderr == f"libvbackup: error: repository {tmp_path} holds no backups of VM 'nosuch'\n"
+
+
+def test_exit_codes_and_output_survive_the_fast_exit(tmp_path):
+    p = _cli("list", "nosuch", "--repo", str(tmp_path))
+    assert (p.returncode, p.stdout) == (3, "")
+    assert p.stderr == f"libvbackup: error: repository {tmp_path} holds no backups of VM 'nosuch'\n"
+    ok = _cli("completion", "bash")
+    assert ok.returncode == 0 and ok.stderr == ""
+    assert ok.stdout.endswith("complete -o default -F _libvbackup_completion libvbackup\n")  # all of it, flushed
