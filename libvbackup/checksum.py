@@ -134,6 +134,11 @@ class BlockHasher:
         self._pieces: dict[int, list[tuple[int, bytes]]] = {}
         self._final: dict[int, bytes | None] = {}  # touched blocks hashed, not yet emitted
         self._waiting: set[int] = set()  # touched blocks not final yet
+        # Queued operations that cover whole blocks (the copy's usual request: 1 MiB at a block
+        # boundary), by first block -> block count. They own their blocks (operations never
+        # overlap), so their digests go straight to ``_final``: no per-block bookkeeping, which
+        # was two thirds of the hashing cost (0.1 of 0.15 s of CPU per GiB).
+        self._whole: dict[int, int] = {}
         self._frontier = 0  # no operation will be queued below this block any more
         self._out = 0  # every block below this one has been emitted
         self._issues = 0
@@ -169,6 +174,8 @@ class BlockHasher:
 
     def _emit_ready(self) -> None:
         limit = min(self._frontier, min(self._waiting)) if self._waiting else self._frontier
+        if self._whole:
+            limit = min(limit, min(self._whole))
         self._emit(limit)
 
     # -- the observer ----------------------------------------------------------------------
@@ -192,10 +199,13 @@ class BlockHasher:
     def issue(self, offset: int, length: int) -> None:
         """An operation over [offset, offset+length) is queued (operations come in offset order)."""
         with self._lock:
-            for b, _start, n in self._blocks(offset, length):
-                self._pending[b] = self._pending.get(b, 0) + 1
-                self._covered[b] = self._covered.get(b, 0) + n
-                self._waiting.add(b)
+            if offset % self.block == 0 and length > 0 and (length % self.block == 0 or offset + length == self.size):
+                self._whole[offset // self.block] = block_count(length, self.block)
+            else:
+                for b, _start, n in self._blocks(offset, length):
+                    self._pending[b] = self._pending.get(b, 0) + 1
+                    self._covered[b] = self._covered.get(b, 0) + n
+                    self._waiting.add(b)
             old, self._frontier = self._frontier, offset // self.block
             if self._frontier > old:
                 for b in [b for b in self._pending if old <= b < self._frontier]:
@@ -207,6 +217,10 @@ class BlockHasher:
     def data(self, offset: int, data) -> None:
         """The bytes of a queued operation (bytes, bytearray or memoryview)."""
         view = memoryview(data)
+        first = offset // self.block
+        if offset % self.block == 0 and self._whole.get(first) == block_count(len(view), self.block):
+            self._data_whole(first, view)
+            return
         pos = 0
         for b, start, n in self._blocks(offset, len(view)):
             piece = view[pos:pos + n]
@@ -221,8 +235,27 @@ class BlockHasher:
                 self._pieces.setdefault(b, []).append((start, bytes(piece)))
                 self._done(b)
 
+    def _data_whole(self, first: int, view: memoryview) -> None:
+        step, digest = self.block, self._digest
+        digests = [digest(view[i:i + step]) for i in range(0, len(view), step)]  # no lock held
+        zero = self.algorithm.zero_digest(step)
+        last = first + len(digests) - 1
+        with self._lock:
+            del self._whole[first]
+            final = self._final
+            for b, d in enumerate(digests, first):
+                final[b] = None if d == zero else d
+            if self._len(last) != step:  # the disk's short last block
+                self._finalize(last, digests[-1])
+
     def zero(self, offset: int, length: int) -> None:
         with self._lock:
+            first = offset // self.block
+            if offset % self.block == 0 and self._whole.get(first) == block_count(length, self.block):
+                del self._whole[first]
+                for b in range(first, first + block_count(length, self.block)):
+                    self._final[b] = None
+                return
             for b, _start, _n in self._blocks(offset, length):
                 self._done(b)
 
@@ -280,8 +313,8 @@ class BlockHasher:
     def done(self) -> None:
         """After the copy and its re-reads: emit everything left."""
         with self._lock:
-            if self._waiting:
-                raise RuntimeError(f"{len(self._waiting)} block(s) were never hashed")
+            if self._waiting or self._whole:
+                raise RuntimeError(f"{len(self._waiting) + sum(self._whole.values())} block(s) were never hashed")
             self._frontier = self._n
             self._emit(self._n)
             rest = self._parent.peek()
