@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import json
+import mmap
 import os
 import select
 import subprocess
@@ -58,7 +60,8 @@ class FileSource:
     ``chain``: the image's whole backing chain is read (a restore), each range from the file
     that holds it: ``chain`` lists the files, the image first, as ``qemu-img map`` counts depth."""
 
-    def __init__(self, path: str, size: int, own_layer: bool = False, chain: list[str] | None = None):
+    def __init__(self, path: str, size: int, own_layer: bool = False, chain: list[str] | None = None,
+                 mapped: bool = False):
         if own_layer and chain:
             raise ValueError("own_layer and chain exclude each other")
         self.path = path
@@ -92,6 +95,13 @@ class FileSource:
         self._chain: nbdio.Source | None = None  # for reads the map does not cover
         self._remembered: dict[tuple[int, int], list[Extent]] = {}
         self._remembered_count = 0
+        # ``mapped``: ``view`` serves this image's data from a read-only map of the file, no copy
+        # (a digest pass over a pushed image: 0.12 s per GiB from the page cache, against 0.18 s
+        # for pread into a buffer). Only for a file no one else changes while it is read: a
+        # mapped file cut short under the reader kills it (SIGBUS), so ranges past the size the
+        # file had when mapped are never viewed.
+        self.mapped = mapped
+        self._maps: dict[int, mmap.mmap] = {}
 
     # -- the engine's source interface ---------------------------------------------------
 
@@ -248,6 +258,26 @@ class FileSource:
             chain = self._chain
         buf[:] = chain.pread(len(buf), offset)
 
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """The bytes of a range the map showed as data in one piece of one file, without a copy
+        (``mapped`` sources); None otherwise (read it with ``pread``)."""
+        if not self.mapped:
+            return None
+        segments = self._segments(offset, length)
+        if segments is None or len(segments) != 1:
+            return None
+        _at, n, host, fd = segments[0]
+        m = self._maps.get(fd)
+        if m is None:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return None
+            m = self._maps[fd] = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            m.madvise(mmap.MADV_SEQUENTIAL)
+        if host + n > len(m):
+            return None
+        return memoryview(m)[host:host + n]
+
     def step(self, wake_fd: int | None = None, timeout_ms: int = 1000) -> None:
         wait_wake(wake_fd, timeout_ms)
 
@@ -274,6 +304,10 @@ class FileSource:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._stop_map()
+        for m in self._maps.values():
+            with contextlib.suppress(BufferError):  # a view still held: the map goes with it
+                m.close()
+        self._maps.clear()
         if self._chain is not None:
             self._chain.close()
             self._chain = None

@@ -48,7 +48,9 @@ def run(ctx: RunContext) -> list[DiskResult]:
             image = ctx.image(d.name)
             _move_private(docs.push_target(d.name), image)
             syncs.append(_Fsync(image))
-            src = opened.enter_context(imagefile.FileSource(str(image), sizes[d.name], own_layer=not d.full))
+            # The image is ours, in place, under the VM's lock: its digests are taken from a map of it.
+            src = opened.enter_context(imagefile.FileSource(str(image), sizes[d.name], own_layer=not d.full,
+                                                            mapped=True))
             sums[d.name] = opened.enter_context(contextlib.closing(ctx.digests(d, sizes[d.name])))
             jobs.append(parallel.Job(d.name, src, engine.Discard(sizes[d.name], reads_as_zero=d.full),
                                      sums[d.name].hasher))

@@ -197,3 +197,43 @@ def test_copy_all_gives_up_on_a_stalled_export(monkeypatch):
     with pytest.raises(CopyError, match="watch gave up"):
         parallel.copy_all([parallel.Job("vda", object(), object())], watch=watch)
     assert told.wait(5)
+
+
+@pytest.mark.parametrize("cluster", [4096, 64 * KiB])
+@pytest.mark.parametrize("own_layer", [False, True])
+def test_digests_from_a_mapped_image_equal_those_read_through_the_engine(tmp_path, cluster, own_layer):
+    """A pushed image's digests are taken from a map of its file (``FileSource(mapped=True)``):
+    the same records and counts as the engine's reads give, and the digests of what the image
+    holds (its own layer over its backing file: zero clusters hide the backing's data, 4 KiB
+    clusters leave 64 KiB blocks partly covered, read back through qemu-nbd)."""
+    from libvbackup import imagefile
+
+    size = 4 * MiB + 512
+    rng = random.Random(11)
+    old = tmp_path / "old.qcow2"
+    make_source(old, size, rng)
+    image = old
+    if own_layer:
+        image = tmp_path / "new.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", "-b",
+                        "old.qcow2", "-F", "qcow2", str(image)], check=True)
+        qemu_io(image, "qcow2", "write -P 7 65536 200000", "write -z 1048576 131072", f"write -P 8 {size - 900} 900",
+                "write -P 9 3000000 4096")
+    block = 64 * KiB
+    old_bytes = read_raw(old, "qcow2", tmp_path)
+    expected = read_raw(image, "qcow2", tmp_path)
+
+    def digests(mapped):
+        parent = sums.Layout(size, block, checksum.DEFAULT, sums.DENSE).records(
+            io.BytesIO(dense_sums(old_bytes, block))) if own_layer else None
+        hasher = checksum.BlockHasher(size, parent=parent, block=block)
+        with imagefile.FileSource(str(image), size, own_layer=own_layer, mapped=mapped) as src:
+            stats = engine.copy(src, engine.Discard(size, reads_as_zero=not own_layer), observer=hasher)
+        hasher.done()
+        return hasher.records, stats
+
+    mapped, mapped_stats = digests(True)
+    read, read_stats = digests(False)
+    assert mapped == read and mapped_stats == read_stats
+    assert mapped_stats.bytes_copied > 0
+    assert checksum.dense(mapped, size, block, checksum.algorithm(checksum.DEFAULT)) == dense_sums(expected, block)
