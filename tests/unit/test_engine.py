@@ -199,15 +199,19 @@ def test_copy_all_gives_up_on_a_stalled_export(monkeypatch):
     assert told.wait(5)
 
 
+@pytest.mark.parametrize("window", [None, 192 * KiB])  # 192 KiB: a new window every few requests
 @pytest.mark.parametrize("cluster", [4096, 64 * KiB])
 @pytest.mark.parametrize("own_layer", [False, True])
-def test_digests_from_a_mapped_image_equal_those_read_through_the_engine(tmp_path, cluster, own_layer):
+def test_digests_from_a_mapped_image_equal_those_read_through_the_engine(tmp_path, cluster, own_layer, window,
+                                                                        monkeypatch):
     """A pushed image's digests are taken from a map of its file (``FileSource(mapped=True)``):
     the same records and counts as the engine's reads give, and the digests of what the image
     holds (its own layer over its backing file: zero clusters hide the backing's data, 4 KiB
     clusters leave 64 KiB blocks partly covered, read back through qemu-nbd)."""
     from libvbackup import imagefile
 
+    if window:
+        monkeypatch.setattr(imagefile, "MAP_WINDOW", window)
     size = 4 * MiB + 512
     rng = random.Random(11)
     old = tmp_path / "old.qcow2"
