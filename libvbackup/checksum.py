@@ -161,15 +161,20 @@ class BlockHasher:
         runs, the touched blocks' new records replace theirs."""
         if limit <= self._out:
             return
-        for b in sorted(b for b in self._final if b < limit):
-            while raw := self._parent.take_below(b):
-                self._sink_raw(raw)
-            self._parent.drop(b)
-            d = self._final.pop(b)
+        parent, final, sink = self._parent, self._final, self._sink
+        nxt = parent.peek()  # the parent's next record (None: no more)
+        for b in sorted(b for b in final if b < limit):
+            if nxt is not None and nxt <= b:  # parent records to pass first, or this block's to drop
+                while raw := parent.take_below(b):
+                    self._sink_raw(raw)
+                parent.drop(b)
+                nxt = parent.peek()
+            d = final.pop(b)
             if d is not None:
-                self._sink(b, d)
-        while raw := self._parent.take_below(limit):
-            self._sink_raw(raw)
+                sink(b, d)
+        if nxt is not None and nxt < limit:
+            while raw := parent.take_below(limit):
+                self._sink_raw(raw)
         self._out = limit
 
     def _emit_ready(self) -> None:

@@ -939,7 +939,7 @@ def main() -> int:
     if many is not None:
         from bench_many import print_many
 
-        print_many(many, med, rss, ratios)
+        print_many(many, med, rss, ratios, cpu)
     return 0
 
 

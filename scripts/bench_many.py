@@ -85,9 +85,10 @@ def bench_many(args, work: pathlib.Path, opts: dict, rng, add, log, timed, cli: 
             destroy_vm(vm)
 
 
-def print_many(many: dict, med: dict, rss: dict, ratios: dict) -> None:
+def print_many(many: dict, med: dict, rss: dict, ratios: dict, cpu: dict | None = None) -> None:
     data = many["data_bytes"]
     print(f"many: {many['vms']} VMs at once, {data / MiB:.0f} MiB of data in all, full backups")
     for k in ("many_libvbackup", "many_nbdcopy"):
-        print(f"  {k:<22} {med[k]:8.3f} s   {data / MiB / med[k]:7.1f} MiB/s   peak RSS {rss[k] / 1024:7.1f} MiB")
+        used = f"   CPU {cpu[k]:6.3f} s" if cpu and k in cpu else ""
+        print(f"  {k:<22} {med[k]:8.3f} s   {data / MiB / med[k]:7.1f} MiB/s   peak RSS {rss[k] / 1024:7.1f} MiB{used}")
     print(f"  libvbackup pull --jobs N / N nbdcopy pipelines at once {ratios['many_vs_nbdcopy']:6.2f}   goal <= 1.10")
