@@ -157,6 +157,7 @@ def copy(
     max_inflight: int = MAX_INFLIGHT,
     writers: int = WRITERS,
     should_stop: Callable[[], bool] = lambda: False,
+    on_source_done: Callable[[], None] | None = None,
 ) -> CopyStats:
     """Make ``target`` (a ``target.Target``) equal to ``src`` wherever ``src`` is dirty
     (everywhere when it has no dirty context), then finish it (metadata, fsync).
@@ -168,6 +169,8 @@ def copy(
     is told of every operation; the ranges it asks for again (blocks it could not hash from
     what was copied) are read from the source during the copy and after it: the source is
     the point in time the target now holds. The caller opened ``target`` and closes it.
+    ``on_source_done`` is called once nothing more will be read, before the target's metadata
+    and fsync (a pull ends its backup job meanwhile).
     """
     if target.size < src.size:
         raise CopyError(f"target image is smaller ({target.size}) than the source ({src.size})")
@@ -194,6 +197,8 @@ def copy(
             rereads = (extents.Op("hash", o, n) for o, n in observer.finish())
             _run(src, wake, rereads, target, observer, stats, None, max_inflight, should_stop, work, finished,
                  buffers)
+        if on_source_done is not None:  # every read is done: the source may go while the target finishes
+            on_source_done()
     finally:
         for _ in threads:
             work.put(None)

@@ -26,23 +26,37 @@ class Job:
 
 def copy_all(jobs: list[Job], progress_mode: str = "none", watch: Callable[[], None] = lambda: None,
              sink: Callable[[dict], None] | None = None, vm: str = "",
-             stall: float | None = None) -> dict[str, engine.CopyStats]:
+             stall: float | None = None,
+             on_sources_done: Callable[[], None] | None = None) -> dict[str, engine.CopyStats]:
     """Copy every job at once; ``watch`` is called every WATCH_INTERVAL and may raise to stop.
 
     Daemon threads with a bounded join: an interrupted run must clean up and exit even when
     a copy thread is stuck (a hung NBD server), instead of waiting for it forever. ``stall``:
     seconds without a single completed byte after which the copy fails (CopyError): a link or a
     server that stopped answering (libnbd has no timeout of its own for a request in flight).
+    ``on_sources_done`` is called (from a copy thread) once every copy has read all it needs,
+    while the images are still being finished.
     """
     stop = threading.Event()
     prog = Progress(progress_mode, sink=sink, vm=vm)
     results: dict[str, engine.CopyStats] = {}
     errors: list[BaseException] = []
 
+    left = [len(jobs)]
+    left_lock = threading.Lock()
+
+    def source_done() -> None:
+        with left_lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last and on_sources_done is not None:
+            on_sources_done()
+
     def one(job: Job) -> None:
         try:
             results[job.name] = engine.copy(job.source, job.target, observer=job.observer,
-                                            progress=prog.callback(job.name), should_stop=stop.is_set)
+                                            progress=prog.callback(job.name), should_stop=stop.is_set,
+                                            on_source_done=source_done)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             if not stop.is_set():
                 errors.append(e)

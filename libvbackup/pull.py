@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 from . import nbdio, parallel, scratch, target as tgt, xmlgen
 from .documents import documents
@@ -72,11 +73,48 @@ def run(ctx: RunContext) -> list[DiskResult]:
             jobs.append(parallel.Job(d.name, src, dst, sums[d.name].hasher))
         watch = scratch.watch(dom, None if ctx.remote else docs.run_dir, ctx.scratch_limit)
         watch()  # the guest may have written a lot already (e.g. while on_job_started ran)
-        stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink, vm=plan.vm,
-                                  stall=STALL if ctx.net is not None else None)
+        ender = _JobEnder(dom)
+        try:
+            stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink, vm=plan.vm,
+                                      stall=STALL if ctx.net is not None else None, on_sources_done=ender.start)
+        finally:
+            ender.join()  # never a libvirt call of ours left running behind the run's clean-up
         results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
                               sums[j.name].complete(), sums[j.name].layout.block,
                               sums[j.name].layout.algorithm_name,
                               compression=getattr(j.target, "compression", None)) for j in jobs]
-    dom.abort_job()
+    ender.wait()
     return results
+
+
+class _JobEnder:
+    """Ends the backup job in a thread once the export is no longer read, while the images get
+    their metadata and fsync (10-15 ms of a run's end: ``abortJob``, then libvirt's end of
+    the job). ``wait`` ends it here if that never started, and raises what ending it raised."""
+
+    def __init__(self, dom):
+        self.dom = dom
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="job-end", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.dom.abort_job()
+        except BaseException as e:  # noqa: BLE001 - raised by wait()
+            self.error = e
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+    def wait(self) -> None:
+        if self.thread is None:
+            self.dom.abort_job()
+            return
+        self.join()
+        if self.error is not None:
+            raise self.error
