@@ -6,7 +6,7 @@
     lock the VM       ->  recover a dead run's leftovers   (journal.recover)
                       ->  plan again only if the repository or libvirt changed meanwhile
                       ->  redefine lost checkpoints        (a step of the plan; undone if refused)
-    journal PLANNED   ->  DIRS: run dir, <chk>.partial/    each state recorded before its effect
+    journal DIRS      ->  run dir, <chk>.partial/          each state recorded before its effect
                       ->  JOB: the transport (``pull``/``push``) starts the job and fills the images
                       ->  commit: sums, fsync, rename, manifest (``Repository.commit_point``)
                       ->  journal removed
@@ -326,15 +326,15 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
     docs, plan = planned.docs, planned.docs.plan
     vm = plan.vm
     partial = repository.partial_dir(vm, plan.checkpoint)
+    # The first record on disk is DIRS: PLANNED (nothing exists) needs no record of its own, and
+    # writing it first cost two fsyncs that recorded nothing new.
     record = RunRecord(vm=vm, checkpoint=plan.checkpoint, mode=planned.transport, started=journal.now(),
                        pid=os.getpid(), run_dir=None if planned.remote else str(docs.run_dir), partial=str(partial),
-                       final=str(repository.point_dir(vm, plan.checkpoint)))
+                       final=str(repository.point_dir(vm, plan.checkpoint)), state=RunState.DIRS)
     t0 = time.monotonic()
     repository.ensure_vm_dir(vm)
     journal.write(repository, record)
     try:
-        record.state = RunState.DIRS
-        journal.write(repository, record)
         if not planned.remote:
             scratch.make_run_dir(docs.run_dir)
         partial.mkdir(mode=0o700)

@@ -3,7 +3,7 @@
 ``<vm>/.run.json`` holds one ``RunRecord``. Each step of a run records its new state *before*
 the step has any effect::
 
-    PLANNED  nothing exists yet
+    PLANNED  nothing exists yet (a state of the record in memory; a run writes DIRS first)
     DIRS     the run directory (scratch, socket, push targets) and <chk>.partial/ may exist
     JOB      the libvirt job and the new checkpoint may exist (backupBegin creates both)
 
