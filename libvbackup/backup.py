@@ -19,18 +19,16 @@ that was killed is cleaned up by the next one, which finds its journal under the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import logging
 import os
 import pathlib
 import stat
-import threading
 import time
 from typing import Callable, Sequence
 
-from . import checkpoints, checksum, domxml, journal, manifest as mf
+from . import checkpoints, domxml, journal, manifest as mf
 from . import netexport, quiesce, scratch, xmlgen
 from .documents import Documents, documents
 from .errors import Error, Interrupted, LibvirtError, RepositoryError, StateError, UsageError
@@ -52,19 +50,6 @@ def _transport(name: str):
     if name not in TRANSPORTS:
         raise ValueError(f"unknown transport {name!r}")
     return importlib.import_module(f".{name}", __package__).run
-
-
-def _prefetch(name: str) -> None:
-    """Import a transport (libnbd, the engine, the writer, xxhash: 10-15 ms) in a thread while
-    this one waits on libvirt and on fsyncs to plan the run and start the job. An import that
-    fails here fails again, and is reported, where the run imports the transport itself."""
-
-    def load() -> None:
-        with contextlib.suppress(Exception):
-            importlib.import_module(f".{name}", __package__)
-            checksum.algorithm(checksum.DEFAULT).digest  # noqa: B018 - loads xxhash
-
-    threading.Thread(target=load, name="prefetch", daemon=True).start()
 
 
 def _offline_validator(dom, manifest):
@@ -179,8 +164,6 @@ def backup(
         repository.check_readable()
     else:
         repository.check_writable(create_default=True)
-    if not dry_run:
-        _prefetch(mode)
     with Connection(uri) as conn:
         dom = conn.domain(vm)
         if not dry_run and repository.has_run(vm) and not repository.run_is_live(vm):

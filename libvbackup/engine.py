@@ -175,7 +175,10 @@ def copy(
     if target.size < src.size:
         raise CopyError(f"target image is smaller ({target.size}) than the source ({src.size})")
     if isinstance(target, Discard) and observer is not None and getattr(src, "mapped", False):
-        return _digest_views(src, target, observer, progress, should_stop)
+        stats = _digest_views(src, target, observer, progress, should_stop)
+        if on_source_done is not None:
+            on_source_done()
+        return stats
     stats = CopyStats()
     max_request = max_request or src.request_size or REQUEST_SIZE
     ops = _ops(src, target.reads_as_zero, max_request, target.granularity)
@@ -216,7 +219,7 @@ def _digest_views(src, target: "Discard", observer: Observer, progress: Progress
     """A copy into nothing that only feeds its observer, from a source that shows its data in
     place (``src.view``: a mapped image file): the operations in order, each hashed where it
     lies, in this thread; what the source cannot show is read with ``pread``. No buffers, no
-    threads: for 1 GiB pushed into tmpfs, 0.35 s through the engine's reads, 0.15 s this way."""
+    threads: for 1 GiB pushed into tmpfs, 0.35 s through the engine's reads, 0.21 s this way."""
     stats = CopyStats()
     max_request = src.request_size or REQUEST_SIZE
     for op in _ops(src, target.reads_as_zero, max_request, target.granularity):

@@ -77,8 +77,14 @@ class Progress:
             return {"done": sum(self.done.values()), "total": sum(self.totals.values()),
                     "disks": {d: {"done": self.done[d], "total": t} for d, t in self.totals.items()}}
 
+    @property
+    def shown(self) -> bool:
+        """Someone reads these counters (a bar, lines, events, the sink of ``status``): only then
+        is a true total worth a pass of block status (50 ms for a map of 1 GiB of image)."""
+        return self.mode != "none" or self.sink is not None
+
     def __enter__(self) -> "Progress":
-        if self.mode != "none" or self.sink is not None:
+        if self.shown:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self

@@ -184,6 +184,6 @@ def write_disk(repository: Repository, m, pd, output: str, fmt: str, progress: s
     with (source(pd) if source else _source(repository, m, pd)) as src, \
             contextlib.closing(target.open_target(output, src.size, fmt, compress=compress)) as dst:
         prog = Progress(progress, vm=m.vm)
-        prog.add(pd.name, engine.planned_bytes(src, dst) if progress != "none" else 0)
+        prog.add(pd.name, engine.planned_bytes(src, dst) if prog.shown else 0)
         with prog:
             engine.copy(src, dst, progress=prog.callback(pd.name))
