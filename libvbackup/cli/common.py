@@ -1,16 +1,11 @@
-"""Options shared by several commands, and rendering of results."""
+"""Options shared by several commands, and the shell completion of their values (what the
+commands print is in ``output``)."""
 
 from __future__ import annotations
 
-import json
-import sys
-from typing import List, Optional
-
 import typer
 
-from ..errors import UsageError
 from ..repo import default_repo
-from ..results import FORMAT_VERSION
 
 RepoOpt = typer.Option(
     None, "--repo", "-r", metavar="DIR",
@@ -76,35 +71,3 @@ def complete_checkpoint(ctx: typer.Context, incomplete: str) -> list[str]:
     except Exception:  # noqa: BLE001
         pass
     return [n for n in names if n.startswith(incomplete)]
-
-
-def progress_mode(progress: str, json_out: bool) -> str:
-    """--progress auto: a bar when stderr is a terminal and the output is not JSON."""
-    if progress not in ("auto", "bar", "plain", "json", "none"):
-        raise UsageError(f"--progress {progress!r}: use auto, bar, plain, json or none")
-    if progress == "auto":
-        return "bar" if sys.stderr.isatty() and not json_out else "none"
-    return progress
-
-
-def repo_path(repo: Optional[str]) -> str:
-    return repo or default_repo()
-
-
-def emit_json(obj: dict) -> None:
-    """One JSON document on stdout: ``format_version`` first (libvbackup/schemas/)."""
-    json.dump({"format_version": FORMAT_VERSION, **obj}, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-
-
-def human(n: int) -> str:
-    f = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if f < 1024 or unit == "TiB":
-            return f"{int(f)} B" if unit == "B" else f"{f:.1f} {unit}"
-        f /= 1024
-    return str(n)
-
-
-def as_list(values: Optional[List[str]]) -> list[str]:
-    return list(values or [])

@@ -16,9 +16,8 @@ from __future__ import annotations
 import typer
 
 from ..errors import UsageError
+from .main import COMPLETE_VAR, PROG
 
-PROG = "libvbackup"
-COMPLETE_VAR = "_LIBVBACKUP_COMPLETE"
 SHELLS = ("bash", "zsh")
 
 

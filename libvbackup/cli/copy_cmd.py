@@ -31,8 +31,8 @@ from typing import List, Optional
 import typer
 
 from .. import api
-from .common import (JsonOpt, KeyFileOpt, NoEncryptOpt, ProgressOpt, RepoOpt, S3EndpointOpt, complete_vm, emit_json,
-                     human, progress_mode, repo_path)
+from .common import JsonOpt, KeyFileOpt, NoEncryptOpt, ProgressOpt, RepoOpt, S3EndpointOpt, complete_vm
+from .output import emit_json, human, progress_mode, repo_path
 
 
 def copy(

@@ -23,7 +23,8 @@ from typing import List, Optional
 import typer
 
 from .. import api
-from .common import JsonOpt, ProgressOpt, RepoOpt, complete_vm, emit_json, human, progress_mode, repo_path
+from .common import JsonOpt, ProgressOpt, RepoOpt, complete_vm
+from .output import emit_json, human, progress_mode, repo_path
 from .files_cmd import CheckpointOpt, DiskOpt, FsOpt
 
 

@@ -23,7 +23,8 @@ from typing import Optional
 import typer
 
 from .. import api
-from .common import JsonOpt, RepoOpt, complete_checkpoint, complete_vm, emit_json, repo_path
+from .common import JsonOpt, RepoOpt, complete_checkpoint, complete_vm
+from .output import emit_json, repo_path
 
 CheckpointOpt = typer.Option(None, "--checkpoint", metavar="NAME", autocompletion=complete_checkpoint,
                              help="Backup point [default: the newest].")

@@ -20,7 +20,8 @@ from typing import Optional
 import typer
 
 from .. import api
-from .common import JsonOpt, ProgressOpt, UriOpt, complete_vm, emit_json, progress_mode
+from .common import JsonOpt, ProgressOpt, UriOpt, complete_vm
+from .output import emit_json, progress_mode
 
 
 def finalize(

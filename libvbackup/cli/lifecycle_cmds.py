@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from .. import api
-from .common import JsonOpt, RepoOpt, UriOpt, complete_vm, emit_json, human, repo_path
+from .common import JsonOpt, RepoOpt, UriOpt, complete_vm
+from .output import emit_json, human, repo_path
 
 VmArg = typer.Argument(..., metavar="VM", help="Name of the VM.", autocompletion=complete_vm)
 

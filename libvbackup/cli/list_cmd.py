@@ -20,7 +20,8 @@ from typing import Optional
 import typer
 
 from .. import api
-from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, RepoOpt, complete_vm, emit_json, human, repo_path
+from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, RepoOpt, complete_vm
+from .output import emit_json, human, repo_path
 
 
 def list_(

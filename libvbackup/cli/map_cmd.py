@@ -25,7 +25,8 @@ import typer
 
 from .. import api
 from ..errors import ToolError
-from .common import JsonOpt, RepoOpt, complete_checkpoint, complete_vm, emit_json, repo_path
+from .common import JsonOpt, RepoOpt, complete_checkpoint, complete_vm
+from .output import emit_json, repo_path
 
 
 def map_(

@@ -33,7 +33,8 @@ from typing import Optional
 import typer
 
 from .. import api
-from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, RepoOpt, UriOpt, complete_vm, emit_json, repo_path
+from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, RepoOpt, UriOpt, complete_vm
+from .output import emit_json, repo_path
 
 
 def _keep(name: str, what: str, *aliases: str) -> typer.models.OptionInfo:

@@ -42,15 +42,13 @@ Examples:
 
 from __future__ import annotations
 
-import signal
-import sys
 from typing import List, Optional
 
 import typer
 
 from .. import api
-from ..results import RunReport, VmRun
-from .common import JsonOpt, emit_json, human
+from .common import JsonOpt
+from .output import render_report, vm_line
 
 
 def run(
@@ -67,60 +65,3 @@ def run(
 ) -> None:
     report = api.run(config=config, vms=vms or (), jobs=jobs, dry_run=dry_run, on_vm=None if json_out else vm_line)
     render_report(report, json_out)
-
-
-def render_report(report: RunReport, json_out: bool) -> None:
-    """The report as JSON or as a total (the lines came with ``on_vm``), and the exit code."""
-    if json_out:
-        emit_json(report.to_dict())
-    else:
-        _total(report)
-    if report.exit_code:
-        # The report is the document on stdout (an error document would be a second one): the
-        # one-line error goes to stderr, as for every command.
-        sys.stderr.write(f"libvbackup: error: {_failure(report)}\n")
-        sys.stdout.flush()
-        raise SystemExit(report.exit_code)
-
-
-def vm_line(r: VmRun) -> None:
-    """One VM, as soon as it is done (``run`` and ``pull VM VM…``)."""
-    if not r.ok:
-        what = "cannot back up" if r.dry_run else "FAILED"
-        typer.echo(f"{what} {r.vm} ({r.policy}): exit {r.exit_code}: {r.error}")
-        return
-    since = f" since {r.parent}" if r.parent else ""
-    keep = f"retention {r.retention}" if r.retention else "no retention"
-    if r.dry_run:
-        auto = f" ({r.fallback_reason})" if r.fallback_reason else ""
-        typer.echo(f"would back up {r.vm} with {r.policy}: {r.mode}, level {r.requested_level} -> {r.level}"
-                   f"{since}{auto}, new checkpoint {r.checkpoint}; {keep}; repo {r.repo}"
-                   + (f"; schedule {r.schedule}" if r.schedule else ""))
-        return
-    pruned = f", pruned {len(r.pruned)} ({keep})" if r.retention else ""
-    offsite = (f", {len(r.copied)} point(s) copied to {r.copy_to} ({human(r.bytes_sent)} sent)"
-               if r.copy_to else "")
-    typer.echo(f"ok {r.vm}: {r.level} {r.mode} backup {r.checkpoint}{since}, {human(r.bytes_copied)} copied "
-               f"in {r.seconds:.1f} s{pruned}{offsite}")
-    if r.fallback_reason:
-        typer.echo(f"  note: {r.fallback_reason}")
-    for w in r.warnings:
-        typer.echo(f"  warning: {w}")
-
-
-def _total(report: RunReport) -> None:
-    failed = sum(1 for r in report.vms if not r.ok)
-    what = "planned" if report.dry_run else "backed up"
-    typer.echo(f"total: {len(report.vms)} VM(s), {len(report.vms) - failed} {what}, {failed} failed "
-               f"in {report.seconds:.1f} s ({report.jobs} at once, config {report.config})")
-
-
-def _failure(report: RunReport) -> str:
-    failed = [r for r in report.vms if not r.ok]
-    if report.exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        name = signal.Signals(report.exit_code - 128).name
-        return f"interrupted by {name}: {len(failed)} of {len(report.vms)} VM(s) not backed up"
-    if len(report.vms) == 1:
-        return f"{failed[0].vm}: {failed[0].error}"
-    return f"{len(failed)} of {len(report.vms)} VMs failed: " + ", ".join(
-        f"{r.vm} (exit {r.exit_code})" for r in failed)

@@ -19,7 +19,8 @@ import typer
 
 from ..errors import VerifyError
 from .. import api
-from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, RepoOpt, complete_checkpoint, complete_vm, emit_json, repo_path
+from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, RepoOpt, complete_checkpoint, complete_vm
+from .output import emit_json, repo_path
 
 
 def verify(
