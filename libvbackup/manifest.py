@@ -95,10 +95,23 @@ class Manifest:
         return out[::-1]
 
 
+def point_record(p: Point) -> dict:
+    """A point as ``dumps`` writes it (what ``point_from_dict`` reads). Its fields are plain
+    values, so a shallow copy is the record: ``dataclasses.asdict`` deep-copies every one of
+    them and took most of a save's time in a long chain."""
+    rec = dict(vars(p))
+    rec["disks"] = {name: dict(vars(d)) for name, d in p.disks.items()}
+    return rec
+
+
 def dumps(m: Manifest) -> str:
-    doc = {"format": FORMAT, "vm": m.vm, "uuid": m.uuid,
-           "points": [dataclasses.asdict(p) for p in m.points]}
-    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+    """One point per line. json's C encoder writes compact JSON only: indented, the pure-Python
+    one ran: 18 ms for 131 points (650 KB, a domain XML in each), this 7 ms."""
+    head = json.dumps({"format": FORMAT, "vm": m.vm, "uuid": m.uuid})[:-1]
+    if not m.points:
+        return head + ', "points": []}\n'
+    points = ",\n".join(json.dumps(point_record(p)) for p in m.points)
+    return f'{head}, "points": [\n{points}\n]}}\n'
 
 
 def _req(d: dict, key: str, kind: type | tuple, where: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import time
@@ -66,6 +67,16 @@ def test_round_trip():
     assert text.endswith("\n")
     assert json.loads(text)["format"] == manifest.FORMAT
     assert manifest.loads(text) == m
+
+
+def test_a_point_record_is_the_whole_point():
+    """point_record's shallow copy holds every field, as a deep copy would: no field may hold a
+    record of its own unnoticed."""
+    m = _manifest()
+    assert json.loads(manifest.dumps(m))["points"] == [dataclasses.asdict(p) for p in m.points]
+    for p in m.points:
+        for value in (*vars(p).values(), *(v for d in p.disks.values() for v in vars(d).values())):
+            assert value is None or isinstance(value, (str, int, float, bool, dict)), value
 
 
 def test_round_trip_empty():
