@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import select
 import sys
 import traceback
 from typing import Callable
@@ -61,6 +62,8 @@ def errors_to_exit_codes(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             _fail("interrupted", 130, json_out, kind="Interrupted")
         except OSError as e:
+            if isinstance(e, BrokenPipeError) and _reader_gone():
+                return None  # (| head): the reader's choice, as at the last flush (_exit)
             where = f": {e.filename}" if e.filename else ""
             _fail(f"{e.strerror or e}{where}", 1, json_out, kind="OSError")
         except Exception as e:  # a bug: one line; --debug shows where
@@ -68,6 +71,17 @@ def errors_to_exit_codes(fn: Callable) -> Callable:
                   "InternalError")
 
     return wrapper
+
+
+def _reader_gone() -> bool:
+    """stdout is a pipe whose reader has gone: a pipe tells it as POLLERR. (A broken pipe of
+    another kind, to a child process or a socket, stays an error.)"""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def main() -> None:

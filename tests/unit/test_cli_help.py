@@ -3,6 +3,7 @@ help shows the exit codes."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -68,3 +69,30 @@ def test_exit_codes_and_output_survive_the_fast_exit(tmp_path):
     ok = _cli("completion", "bash")
     assert ok.returncode == 0 and ok.stderr == ""
     assert ok.stdout.endswith("complete -o default -F _libvbackup_completion libvbackup\n")  # all of it, flushed
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    """`libvbackup list VM --json | head -1`: the pipe breaks while the document is written (it is
+    larger than the pipe's buffer); the command ends quietly with its own code, as when the
+    pipe breaks at the last flush."""
+    from libvbackup import manifest
+
+    disk = manifest.PointDisk(name="vda", image="", backing=None, size=1 << 30)
+    points = []
+    for i in range(3000):
+        name = f"chk{i}"
+        d = dataclasses.replace(disk, image=f"{name}/vda.qcow2", backing=f"chk{i - 1}/vda.qcow2" if i else None)
+        points.append(manifest.Point(checkpoint=name, parent=f"chk{i - 1}" if i else None,
+                                     level="incremental" if i else "full", mode="pull", started="", completed="",
+                                     seconds=1.0, disks={"vda": d}))
+    (tmp_path / "vm1").mkdir(mode=0o700)
+    tmp_path.chmod(0o700)
+    (tmp_path / "vm1" / "manifest.json").write_text(manifest.dumps(manifest.Manifest(vm="vm1", points=points)))
+    p = subprocess.Popen([sys.executable, "-m", "libvbackup.cli.main", "list", "vm1", "--repo", str(tmp_path), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "{\n"
+    p.stdout.close()  # before the command has written the rest
+    err = p.stderr.read()
+    assert p.wait() == 0 and err == ""
+    whole = _cli("list", "vm1", "--repo", str(tmp_path), "--json")
+    assert whole.returncode == 0 and len(whole.stdout) > 1 << 20  # far more than a pipe holds
