@@ -1,7 +1,7 @@
 """The pull and push command lines, parsed without typer.
 
-Importing typer and building a command from its signature costs 50-60 ms of CPU here, more
-than the rest of an empty incremental's Python work (README, "Where the time goes"). ``parse``
+Importing typer and building a command from its signature cost a pull about 60 ms of CPU
+here, a quarter of its imports (README, "Third session"). ``parse``
 takes the plain forms of a pull or push command line (options as ``--name VALUE``,
 ``--name=VALUE`` or ``-n VALUE``, flags, VM names) and gives the keyword arguments the typer
 command would pass on; anything else (help, global options, a typo, a value typer would

@@ -1,7 +1,7 @@
 """Entry point: the one place errors become exit codes, and the way to the command.
 
-A pull or push command line that ``fastpath`` understands runs without typer (about half of
-an empty incremental's Python start-up); every other one, help and errors about the command
+A pull or push command line that ``fastpath`` understands runs without typer (a pull's
+imports 227 -> 164 ms here, README "Third session"); every other one, help and errors about the command
 line included, goes to the typer app in ``app``.
 """
 

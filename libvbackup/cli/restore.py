@@ -35,7 +35,8 @@ import typer
 
 from .. import api
 from ..outcomes import DefinedResult, InPlaceResult, InstantResult
-from .common import KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, ProgressOpt, RepoOpt, UriOpt, complete_checkpoint, complete_vm
+from .common import (KeyFileOpt, NoEncryptOpt, S3EndpointOpt, JsonOpt, ProgressOpt, RepoOpt, UriOpt, complete_checkpoint,
+                     complete_vm)
 from .output import as_list, emit_json, progress_mode, repo_path
 
 

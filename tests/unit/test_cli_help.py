@@ -88,8 +88,8 @@ def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
     (tmp_path / "vm1").mkdir(mode=0o700)
     tmp_path.chmod(0o700)
     (tmp_path / "vm1" / "manifest.json").write_text(manifest.dumps(manifest.Manifest(vm="vm1", points=points)))
-    p = subprocess.Popen([sys.executable, "-m", "libvbackup.cli.main", "list", "vm1", "--repo", str(tmp_path), "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "libvbackup.cli.main", "list", "vm1", "--repo", str(tmp_path),
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline() == "{\n"
     p.stdout.close()  # before the command has written the rest
     err = p.stderr.read()

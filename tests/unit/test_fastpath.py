@@ -105,7 +105,8 @@ def test_a_pull_command_line_imports_no_typer(tmp_path):
                         "--repo", str(tmp_path / "r"), "--uri", "test:///default"], capture_output=True, text=True)
     lines = p.stderr.splitlines()
     errors = [line for line in lines if not line.startswith("import time:")]
-    assert p.returncode == 3 and errors == ["libvbackup: error: libvirt at test:///default has no VM named 'lvb-no-such-vm'"], p
+    assert p.returncode == 3, p
+    assert errors == ["libvbackup: error: libvirt at test:///default has no VM named 'lvb-no-such-vm'"], p
     assert not [line for line in lines if "typer" in line]
     h = subprocess.run([sys.executable, "-m", "libvbackup.cli.main", "pull", "--help"], capture_output=True, text=True)
     assert h.returncode == 0 and "Usage: libvbackup pull [OPTIONS] [VM...]" in h.stdout
