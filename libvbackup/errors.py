@@ -20,6 +20,12 @@ a lower-level failure keep it as ``__cause__``.
 
 from __future__ import annotations
 
+import logging
+
+# Every module of libvbackup that logs imports this one: a program that embeds libvbackup and
+# configures no logging sees nothing of it (QEMU's python/qemu/qmp does the same).
+logging.getLogger("libvbackup").addHandler(logging.NullHandler())
+
 
 class Error(Exception):
     """Base class: a failure libvbackup understood and can explain in one line."""

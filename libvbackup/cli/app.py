@@ -27,6 +27,7 @@ COMMANDS = {
     "status": ("lifecycle_cmds", "status"), "abort": ("lifecycle_cmds", "abort"),
     "completion": ("completion_cmd", "completion"), "map": ("map_cmd", "map_"), "copy": ("copy_cmd", "copy"),
     "finalize": ("finalize_cmd", "finalize"), "files": ("files_cmd", "files"), "extract": ("extract_cmd", "extract"),
+    "serve": ("serve_cmd", "serve"),
 }
 _FUNCTION_HELP = {"checkpoints", "status", "abort"}  # their module holds three commands
 

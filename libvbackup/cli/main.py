@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import logging
 import os
-import select
 import sys
-import traceback
-from typing import Callable
 
-from ..errors import Error
-from ..results import FORMAT_VERSION
-from . import fastpath
+from . import resident  # the only import before a command is handed to a server
+
+TYPE_CHECKING = False  # typing itself costs every command 4 ms
+if TYPE_CHECKING:
+    from typing import Callable
 
 PROG = "libvbackup"
 COMPLETE_VAR = "_LIBVBACKUP_COMPLETE"  # set by the shell's completion script
@@ -29,6 +26,8 @@ _debug = False
 
 def set_up(debug: bool = False, verbose: bool = False) -> None:
     """The global options: logging to stderr, and tracebacks of errors with --debug."""
+    import logging
+
     global _debug
     _debug = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
@@ -37,8 +36,14 @@ def set_up(debug: bool = False, verbose: bool = False) -> None:
 
 def _fail(message: str, code: int, json_out: bool, hint: str | None = None, kind: str = "Error") -> None:
     if _debug:
+        import traceback
+
         traceback.print_exc()
     if json_out:  # the caller parses stdout: the error is a document there too
+        import json
+
+        from ..results import FORMAT_VERSION
+
         with contextlib.suppress(OSError):  # stdout itself may be what failed (a full disk)
             sys.stdout.write(json.dumps({"format_version": FORMAT_VERSION, "error": message, "code": code,
                                          "hint": hint, "type": kind}, indent=2) + "\n")
@@ -51,6 +56,8 @@ def _fail(message: str, code: int, json_out: bool, hint: str | None = None, kind
 def errors_to_exit_codes(fn: Callable) -> Callable:
     """The one place where exceptions become a one-line message (a JSON document too, under
     --json) and an exit code."""
+
+    from ..errors import Error
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -76,6 +83,8 @@ def errors_to_exit_codes(fn: Callable) -> Callable:
 def _reader_gone() -> bool:
     """stdout is a pipe whose reader has gone: a pipe tells it as POLLERR. (A broken pipe of
     another kind, to a child process or a socket, stays an error.)"""
+    import select
+
     try:
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLOUT)
@@ -88,13 +97,20 @@ def main() -> None:
     """The ``libvbackup`` command. It ends with ``os._exit`` once its output is flushed: by then
     every file it wrote is closed and synced, every job, child process and thread of its own
     is over, and the interpreter's teardown (freeing some 200 modules) would cost 15-20 ms, a
-    tenth of an empty incremental. Programs use ``libvbackup.api``, which never exits."""
+    tenth of an empty incremental. Programs use ``libvbackup.api``, which never exits.
+
+    When a ``libvbackup serve`` answers on its socket, the command runs there (``resident``)."""
+    code = resident.forward(sys.argv)
+    if code is not None:
+        os._exit(code)
     try:
         if os.environ.get(COMPLETE_VAR):  # the shell asks for completions
             from .completion_cmd import enable
 
             enable()
         else:
+            from . import fastpath
+
             parsed = fastpath.parse(sys.argv[1:])
             if parsed is not None:
                 from .backup_run import dispatch

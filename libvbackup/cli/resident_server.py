@@ -1,0 +1,430 @@
+"""``libvbackup serve``: the resident server that ``resident``'s client hands commands to.
+
+It takes a lock that says it is live (a flock that dies with it), imports everything a command
+may need, listens, and forks a worker per command: the worker takes the command's standard
+streams, working directory, umask, environment and arguments and runs ``main.main``. The server
+stays single-threaded (a fork from a threaded process could inherit a held lock): one loop
+watches the socket, each command's connection (signals to pass on; its end kills the worker)
+and each worker's pidfd (its end: the status goes back to the command). Signals reach a worker
+through its pidfd, never through a pid that might have been reused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import sys
+
+from .resident import FORWARDED, MAGIC, PACKAGE, _MAX_REQUEST, decode_request
+
+def _preload() -> None:
+    """Everything a command may import, imported once (modules that import optional libraries
+    such as boto3 or guestfs when first used are loaded; those libraries are not)."""
+    import importlib
+    import pkgutil
+
+    import libvbackup
+    from . import app
+
+    import ctypes  # noqa: F401  (PR_SET_PDEATHSIG in each worker)
+
+    for info in pkgutil.iter_modules(libvbackup.__path__, "libvbackup."):
+        importlib.import_module(info.name)
+    for module, _fn in app.COMMANDS.values():
+        importlib.import_module(f"{__package__}.{module}")
+    from . import backup_run, output  # noqa: F401
+    from .. import xmlgen
+
+    for template in sorted(os.listdir(xmlgen.TEMPLATES)):
+        xmlgen._template(template)  # parsed once; a worker copies what it fills
+
+
+def _own_files() -> dict[str, int]:
+    """mtime of every loaded file of the package and of its XML templates."""
+    out = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and path.startswith(PACKAGE + os.sep):
+            out[path] = _mtime(path)
+    from .. import xmlgen
+
+    for name in os.listdir(xmlgen.TEMPLATES):
+        out[os.path.join(xmlgen.TEMPLATES, name)] = _mtime(os.path.join(xmlgen.TEMPLATES, name))
+    return out
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _private_dir(path: str) -> None:
+    from ..errors import StateError
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise StateError(f"directory {directory} of the server's socket is not private "
+                         f"(owner uid {st.st_uid}, mode {st.st_mode & 0o7777:04o})",
+                         hint=f"use a directory of your own that only you can write (chmod 700 {directory})")
+
+
+
+
+class Server:
+    """A socket, the lock that says it is live, and the workers running commands."""
+
+    def __init__(self, path: str, log=None) -> None:
+        self.path = os.path.abspath(path)
+        self.log = log or (lambda text: None)
+        self.listener: socket.socket | None = None
+        self.lock_fd = -1
+        self.workers: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
+        self.retiring = False
+        self.files: dict[str, int] = {}
+
+    # -- life -----------------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the lock that says a server is live here (it dies with this process). A server
+        already there: StateError, nothing touched."""
+        import fcntl
+
+        from .. import lock
+        from ..errors import StateError
+
+        _private_dir(self.path)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            pid = lock.holder(self.path + ".lock")
+            who = f" (pid {pid})" if pid and pid > 0 else ""
+            raise StateError(f"a libvbackup server{who} already listens on {self.path}",
+                             hint="stop it first, or give this one another --socket") from None
+        self.lock_fd = fd
+
+    def listen(self) -> None:
+        """The socket, mode 0600. Under the lock, a socket file left behind is a dead server's."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            listener.bind(self.path)
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        self.listener = listener
+        self.files = _own_files()
+
+    def close(self) -> None:
+        """Stop listening: the socket file goes while the lock is held; the lock goes with the
+        last worker."""
+        if self.listener is not None:
+            if self.lock_fd >= 0:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+            self.listener.close()
+            self.listener = None
+        if self.lock_fd >= 0 and not self.workers:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (then the workers get SIGTERM, and are waited for) or until
+        the package's files change and the last worker has ended."""
+        import selectors
+
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        stop = []
+
+        def on_stop(signum, _frame):
+            stop.append(signum)
+
+        olds = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        sel = selectors.DefaultSelector()
+        sel.register(wake_r, selectors.EVENT_READ, ("wake", None))
+        sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
+        self._sel, self._private = sel, (wake_r, wake_w)
+        try:
+            while True:
+                if stop and not self.retiring:
+                    self.log(f"signal {stop[0]}: no new commands; SIGTERM to {len(self.workers)} running")
+                    self._retire()
+                    for pidfd in list(self.workers):
+                        self._signal(pidfd, signal.SIGTERM)
+                if self.retiring and not self.workers:
+                    return
+                for key, _ in sel.select():
+                    kind, pidfd = key.data
+                    if kind == "wake":
+                        try:
+                            wake_r.recv(512)
+                        except BlockingIOError:
+                            pass
+                    elif kind == "accept":
+                        self._accept()
+                    elif kind == "conn":
+                        self._from_client(pidfd)
+                    elif kind == "exit":
+                        self._reap(pidfd)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in olds.items():
+                signal.signal(s, h)
+            sel.close()
+            wake_r.close()
+            wake_w.close()
+            self.close()
+
+    def _retire(self) -> None:
+        self.retiring = True
+        if self.listener is not None:
+            self._sel.unregister(self.listener)
+            self.close()
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 struct.calcsize("3i")))
+            if uid != os.geteuid():
+                self.log(f"pid {pid}: uid {uid} is not the server's ({os.geteuid()}): refused")
+                conn.sendall(b"declined\n")
+                conn.close()
+                return
+            conn.settimeout(10)
+            request, fds = _read_request(conn)
+        except (OSError, ValueError) as e:
+            self.log(f"a request that cannot be read: {e}")
+            conn.close()
+            return
+        try:
+            reason = self._decline(request)
+            if reason:
+                self.log(f"pid {pid}: declined ({reason})")
+                conn.sendall(b"declined\n")
+                conn.close()
+                return
+            conn.settimeout(None)
+            self._start(conn, request, fds, pid)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _decline(self, request: dict) -> str | None:
+        if request.get("package") != PACKAGE:
+            return f"another installation ({request.get('package')})"
+        if _own_files() != self.files:
+            self.log("libvbackup's files changed on disk: no new commands; ending after the running ones")
+            self._retire()
+            return "the server's files changed"
+        if self.retiring:
+            return "ending"
+        return None
+
+    def _start(self, conn: socket.socket, request: dict, fds: list[int], client: int) -> None:
+        import selectors
+
+        conn.sendall(b"started\n")
+        server = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            try:
+                self._become_worker(server, conn, request, fds)
+            except BaseException:  # noqa: B036  (a bug before the command began: say it, end)
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(70)  # not reached when the command ran: it ends in os._exit
+        pidfd = os.pidfd_open(pid)
+        self.workers[pidfd] = (pid, conn)
+        self._sel.register(pidfd, selectors.EVENT_READ, ("exit", pidfd))
+        self._sel.register(conn, selectors.EVENT_READ, ("conn", pidfd))
+        self.log(f"pid {client}: {' '.join(request['argv'][1:])} -> worker {pid}")
+
+    def _become_worker(self, server: int, conn: socket.socket, request: dict, fds: list[int]) -> None:
+        from . import resident
+
+        resident._in_worker = True
+        _die_with(server)
+        # Nothing of the server's stays open: not the socket, the lock, other commands' connections.
+        signal.set_wakeup_fd(-1)
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for pidfd, (_pid, other) in self.workers.items():
+            os.close(pidfd)
+            other.close()
+        for sock in self._private:
+            sock.close()
+        if self.listener is not None:
+            self.listener.close()
+        os.close(self.lock_fd)
+        conn.close()
+        streams = request["streams"]
+        for fd, target in zip(fds, streams):
+            os.dup2(fd, target, inheritable=True)
+        for target in {0, 1, 2} - set(streams):
+            try:
+                os.close(target)
+            except OSError:
+                pass
+        os.fchdir(fds[len(streams)])
+        for fd in fds:  # received without O_CLOEXEC: no child of the command may inherit them
+            os.close(fd)
+        os.umask(int(request["umask"]))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = list(request["argv"])
+        _new_streams(streams, bool(request["env"].get("PYTHONUNBUFFERED")))
+        from .main import main
+
+        main()
+
+    def _from_client(self, pidfd: int) -> None:
+        """A signal to pass on, or the command gone: its worker is killed."""
+        pid, conn = self.workers[pidfd]
+        try:
+            data = conn.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            self.log(f"worker {pid}: its command went away: SIGKILL")
+            self._sel.unregister(conn)
+            self._signal(pidfd, signal.SIGKILL)
+            return
+        for line in data.split(b"\n"):
+            word, _, arg = line.decode("ascii", "replace").partition(" ")
+            if word == "signal" and arg.isdigit() and int(arg) in FORWARDED:
+                self._signal(pidfd, int(arg))
+
+    def _signal(self, pidfd: int, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(pidfd, signum)  # the worker itself, even if it has exited
+        except ProcessLookupError:
+            pass
+
+    def _reap(self, pidfd: int) -> None:
+        pid, conn = self.workers.pop(pidfd)
+        self._sel.unregister(pidfd)
+        try:
+            self._sel.unregister(conn)
+        except KeyError:
+            pass
+        _, status = os.waitpid(pid, 0)
+        os.close(pidfd)
+        if os.WIFSIGNALED(status):
+            reply, text = b"signal %d\n" % os.WTERMSIG(status), f"killed by signal {os.WTERMSIG(status)}"
+        else:
+            code = os.waitstatus_to_exitcode(status)
+            reply, text = b"exit %d\n" % code, f"exit {code}"
+        self.log(f"worker {pid}: {text}")
+        try:
+            conn.sendall(reply)
+        except OSError:
+            pass
+        conn.close()
+        if self.retiring and not self.workers and self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    """The request and the descriptors that came with it (its streams, then its working
+    directory); ValueError, every descriptor closed, when it is not a request."""
+    import array
+
+    fds = array.array("i")
+    head = len(MAGIC) + 10
+    data, ancdata, _flags, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(8 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    fds = list(fds)
+    try:
+        if not data.startswith(MAGIC) or len(data) < head or not data[len(MAGIC):head].isdigit():
+            raise ValueError("not a libvbackup request")
+        size = int(data[len(MAGIC):head])
+        if size > _MAX_REQUEST:
+            raise ValueError(f"a request of {size} bytes")
+        body = bytearray(data[head:])
+        while len(body) < size:
+            chunk = conn.recv(min(size - len(body), 1 << 16))
+            if not chunk:
+                raise ValueError("a request cut short")
+            body += chunk
+        request = decode_request(bytes(body[:size]))
+        if len(fds) != len(request["streams"]) + 1:
+            raise ValueError("descriptors missing")
+        return request, fds
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _die_with(server: int) -> None:
+    """PR_SET_PDEATHSIG: the worker is killed when the server ends."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != server:  # it ended before the call
+        os._exit(1)
+
+
+def _new_streams(streams: list[int], unbuffered: bool) -> None:
+    """sys.stdin/stdout/stderr on the client's descriptors, buffered as Python buffers them."""
+    import io
+
+    def text(fd: int, mode: str, old):
+        if fd not in streams:
+            return None
+        raw = io.open(fd, mode + "b", buffering=0 if unbuffered and mode == "w" else -1, closefd=False)
+        return io.TextIOWrapper(raw, encoding=old.encoding if old else "utf-8",
+                                errors=old.errors if old else "strict",
+                                line_buffering=fd == 2 or (fd == 1 and os.isatty(1)),
+                                write_through=unbuffered and mode == "w")
+
+    sys.stdin = sys.__stdin__ = text(0, "r", sys.__stdin__)
+    sys.stdout = sys.__stdout__ = text(1, "w", sys.__stdout__)
+    sys.stderr = sys.__stderr__ = text(2, "w", sys.__stderr__)
+
+
+def serve(path: str, log) -> None:
+    """``libvbackup serve``: everything imported, then commands served until SIGTERM."""
+    for fd in (0, 1, 2):  # descriptors received from clients are never 0-2
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+    server = Server(path, log)
+    server.lock()
+    try:
+        _preload()
+        server.listen()
+        log(f"listening on {server.path} (pid {os.getpid()})")
+        server.run()
+    finally:
+        server.close()
