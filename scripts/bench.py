@@ -2,8 +2,11 @@
 
 Pull: `libvbackup pull` against `virsh backup-begin` + nbdcopy / qemu-img convert of the export;
 an empty incremental (the fixed cost of a command) against `virsh backup-begin` of an
-incremental job with a checkpoint + `virsh domjobabort` (inc_empty_hand). CPU: user + sys of
-the command's processes (libvirtd and QEMU not counted).
+incremental job with a checkpoint + `virsh domjobabort` (inc_empty_hand), and the same empty
+incremental run through a `libvbackup serve` started for the bench (inc_empty_served: the
+command hands itself to a process forked from the server, which has everything imported).
+CPU: user + sys of the command's processes (libvirtd and QEMU not counted; a served command's
+worker counted).
 Push: `libvbackup push` against libvirt's own push job (`virsh backup-begin` of a
 <domainbackup mode='push'>, polled with `virsh domjobinfo` until it completed, then fsync).
 All backups are durable when the command returns (flushed), like nbdcopy --flush and
@@ -69,7 +72,7 @@ LAUNCHER = (
 )
 
 
-def timed(argv: list[str]) -> tuple[float, int, float]:
+def timed(argv: list[str], env: dict | None = None) -> tuple[float, int, float]:
     """Wall seconds, peak RSS (KiB) of the largest process the command waited for, and CPU
     seconds (user + sys) of the command and every process it waited for (not libvirtd's, QEMU's).
 
@@ -77,7 +80,7 @@ def timed(argv: list[str]) -> tuple[float, int, float]:
     another's write-back.
     """
     os.sync()
-    p = subprocess.run(["/usr/bin/python3", "-c", LAUNCHER, *argv], capture_output=True, text=True)
+    p = subprocess.run(["/usr/bin/python3", "-c", LAUNCHER, *argv], capture_output=True, text=True, env=env)
     elapsed, rss, code, cpu = p.stderr.strip().splitlines()[-1].split()
     if int(code) != 0:
         raise SystemExit(f"bench: {' '.join(argv)} failed ({code}): {p.stderr[-500:]}")
@@ -176,6 +179,45 @@ def hand_empty(vm, work: pathlib.Path, since: str) -> tuple[float, int, float]:
         if "hand-empty" in vm.checkpoints():
             vm.dom.checkpointLookupByName("hand-empty").delete(0)
         shutil.rmtree(run, ignore_errors=True)
+
+
+class Served:
+    """A `libvbackup serve` for the bench's commands (when this libvbackup has it): a command
+    run through it is timed whole, and its CPU is the command's plus its worker's (the worker
+    is the server's child: the server's reaped children's CPU, from /proc, before and after)."""
+
+    def __init__(self, work: pathlib.Path) -> None:
+        self.proc = None
+        if "serve" not in subprocess.run([CLI, "--help"], capture_output=True, text=True).stdout:
+            return
+        d = work / "serve"
+        d.mkdir(mode=0o700)
+        self.sock = d / "server.sock"
+        self.log = open(d / "log", "w")
+        self.proc = subprocess.Popen([CLI, "serve", "--socket", str(self.sock), "--quiet"], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not self.sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"bench: libvbackup serve did not start: {(d / 'log').read_text()[-500:]}")
+            time.sleep(0.05)
+        self.env = {**os.environ, "LIBVBACKUP_SERVER": str(self.sock)}
+
+    def children_cpu(self) -> float:
+        fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+
+    def timed(self, argv: list[str]) -> tuple[float, int, float]:
+        before = self.children_cpu()
+        wall, rss, cpu = timed(argv, env=self.env)
+        return wall, rss, cpu + self.children_cpu() - before
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+            self.log.close()
+            self.proc = None
 
 
 def push_xml(target: pathlib.Path, incremental: str | None = None) -> str:
@@ -599,6 +641,7 @@ GOALS = {  # issue 13 ("Done when"), README section Performance
     "inc_cost_per_dirty_byte_vs_full_per_data_byte": 1.3,
     "restore_vs_qemu_img": 1.05,
     "inc_empty_minus_hand_seconds": 0.05,  # the fixed cost of a command
+    "inc_empty_served_minus_hand_seconds": 0.05,  # the same through libvbackup serve
     "push_full_vs_libvirt_job": 1.2,
     **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
@@ -701,7 +744,7 @@ def main() -> int:
         res.setdefault(key, []).append(value)
 
     # The VMs' own disks stay in /var/tmp whatever --repo-dir says: only the outputs move.
-    vm = None
+    vm = served = None
     if modes & {"pull", "push", "remote"}:
         vm = lab.LabVM([(args.disk_mib * MiB, "qcow2")], name="lvb-bench", track=False)
         lab.remove_domain(vm.conn, vm.name)
@@ -737,6 +780,8 @@ def main() -> int:
                     raise SystemExit(f"bench: remote: {k} would export on {rem['export'][k]!r}, not {w!r}")
             log(f"bench: remote: {rem['uri']}; exports: "
                 + ", ".join(f"{k} {v}" for k, v in rem["export"].items()))
+        if "pull" in modes:
+            served = Served(work)
         for r in range(args.rounds if vm is not None else 0):
             log(f"bench: round {r + 1}/{args.rounds}")
             if "pull" in modes:
@@ -748,10 +793,15 @@ def main() -> int:
                     ("full_nbdcopy", lambda: hand_pipeline(vm, work, "nbdcopy")),
                     ("full_qemu_img", lambda: hand_pipeline(vm, work, "qemu-img")),
                 ], add)
-                alternate(r, [  # both since the full point, with nothing dirty
+                # All since the full point, with nothing dirty; the served one runs in `libvbackup serve`.
+                empty = [
                     ("inc_empty", lambda: timed(pull + ["--checkpoint", f"b{r}-i0", "--incremental", f"b{r}-full"])),
                     ("inc_empty_hand", lambda: hand_empty(vm, work, f"b{r}-full")),
-                ], add)
+                ]
+                if served is not None and served.proc is not None:
+                    empty.append(("inc_empty_served", lambda: served.timed(
+                        pull + ["--checkpoint", f"b{r}-s0", "--incremental", f"b{r}-full"])))
+                alternate(r, empty, add)
                 dirty_bytes = dirty(vm, args.disk_mib, rng)
                 add("inc_1pct", timed(pull + ["--checkpoint", f"b{r}-i1", "--incremental", f"b{r}-i0"]))
                 top = repo / vm.name / f"b{r}-i1" / "vda.qcow2"
@@ -817,6 +867,8 @@ def main() -> int:
                               qemu_ids, delete_checkpoints)
     finally:
         try:
+            if served is not None:
+                served.stop()
             if sshd is not None:
                 sshd.stop()
         finally:
@@ -844,6 +896,8 @@ def main() -> int:
             "restore_vs_qemu_img": med["restore_libvbackup"] / med["restore_qemu_img"],
             "inc_empty_minus_hand_seconds": med["inc_empty"] - med["inc_empty_hand"],
         })
+        if "inc_empty_served" in med:
+            ratios["inc_empty_served_minus_hand_seconds"] = med["inc_empty_served"] - med["inc_empty_hand"]
     if "push" in modes:
         ratios.update({
             "push_full_vs_libvirt_job": med["push_full_libvbackup"] / med["push_full_libvirt"],

@@ -103,6 +103,9 @@ def main() -> None:
     code = resident.forward(sys.argv)
     if code is not None:
         os._exit(code)
+    for name in ("stdin", "stdout", "stderr"):  # started with it closed: what it says is lost
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "r" if name == "stdin" else "w"))
     try:
         if os.environ.get(COMPLETE_VAR):  # the shell asks for completions
             from .completion_cmd import enable

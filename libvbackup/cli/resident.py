@@ -29,8 +29,9 @@ import sys
 import _signal
 import _socket
 
-ENV = "LIBVBACKUP_SERVER"  # a socket path; "off" never asks a server
+ENV = "LIBVBACKUP_SERVER"  # unset or "off": commands run in their own process
 OFF = ("", "0", "off", "no", "none")
+ON = ("1", "on", "yes")  # the default socket
 ROOT_SOCKET = "/run/libvbackup/server.sock"
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 MAGIC = b"libvbackup-1\0"  # a request: MAGIC, its length (10 digits), NUL-separated fields
@@ -42,17 +43,28 @@ PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _in_worker = False  # set in a worker: its command runs here, never forwarded again
 
 
-def socket_path(environ=None) -> str | None:
-    """Where the server of this user listens: $LIBVBACKUP_SERVER, else /run/libvbackup/server.sock
-    for root and $XDG_RUNTIME_DIR/libvbackup/server.sock for other users; None when off."""
+def default_socket(environ=None) -> str | None:
+    """/run/libvbackup/server.sock for root, $XDG_RUNTIME_DIR/libvbackup/server.sock for other
+    users (None without it)."""
     environ = os.environ if environ is None else environ
-    value = environ.get(ENV)
-    if value is not None:
-        return None if value.strip().lower() in OFF else value
     if os.geteuid() == 0:
         return ROOT_SOCKET
     runtime = environ.get("XDG_RUNTIME_DIR")
     return os.path.join(runtime, "libvbackup", "server.sock") if runtime else None
+
+
+def socket_path(environ=None) -> str | None:
+    """The server a command asks, from $LIBVBACKUP_SERVER: a socket's path, or "on" for the
+    default socket; None (unset, "off"): commands run in their own process. Asking is opt-in:
+    a worker runs in the server's cgroup and with its I/O priority, and a unit or a script that
+    sets those for its command (contrib/libvbackup.service does) keeps them."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(ENV, "").strip()
+    if value.lower() in OFF:
+        return None
+    if value.lower() in ON:
+        return default_socket(environ)
+    return value
 
 
 def _command_name(argv: list[str]) -> str | None:
@@ -75,13 +87,14 @@ def forward(argv: list[str]) -> int | None:
     path = socket_path()
     if not path:
         return None
+    streams = _open_streams()  # before any descriptor of ours could take a closed one's number
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         try:
             conn.connect(path)
         except OSError:  # none listens there (or not for us): the command runs in this process
             return None
-        _send_request(conn, argv)
+        _send_request(conn, argv, streams)
         return _wait(conn, path)
     except _Declined:
         return None
@@ -89,10 +102,12 @@ def forward(argv: list[str]) -> int | None:
         conn.close()
 
 
-def encode_request(argv: list[str], environ, umask: int, streams: list[int]) -> bytes:
-    """MAGIC, the body's length, then the body: package, umask, streams, argc, argv, env entries,
-    each ending in NUL (arguments and environment as the bytes the kernel gave this process)."""
-    fields = [os.fsencode(PACKAGE), b"%o" % umask, b",".join(b"%d" % fd for fd in streams), b"%d" % len(argv)]
+def encode_request(argv: list[str], environ, umask: int, nice: int, streams: list[int]) -> bytes:
+    """MAGIC, the body's length, then the body: package, umask, nice value, streams, argc, argv,
+    env entries, each ending in NUL (arguments and environment as the bytes the kernel gave this
+    process)."""
+    fields = [os.fsencode(PACKAGE), b"%o" % umask, b"%d" % nice, b",".join(b"%d" % fd for fd in streams),
+              b"%d" % len(argv)]
     fields += [os.fsencode(a) for a in argv]
     fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()]
     body = b"\0".join(fields) + b"\0"
@@ -102,37 +117,42 @@ def encode_request(argv: list[str], environ, umask: int, streams: list[int]) -> 
 def decode_request(body: bytes) -> dict:
     """The fields of a request's body; ValueError when it is not one."""
     fields = body.split(b"\0")
-    if len(fields) < 5 or fields[-1] != b"":
+    if len(fields) < 6 or fields[-1] != b"":
         raise ValueError("malformed request")
     fields.pop()
-    package, umask, streams, argc = fields[:4]
+    package, umask, nice, streams, argc = fields[:5]
     n = int(argc)
-    argv, env = fields[4:4 + n], fields[4 + n:]
+    argv, env = fields[5:5 + n], fields[5 + n:]
     if len(argv) != n or any(b"=" not in e for e in env):
         raise ValueError("malformed request")
     fds = [int(x) for x in streams.split(b",")] if streams else []
     if not set(fds) <= {0, 1, 2} or len(set(fds)) != len(fds):
         raise ValueError("malformed request")
-    return {"package": os.fsdecode(package), "umask": int(umask, 8) & 0o777, "streams": fds,
+    return {"package": os.fsdecode(package), "umask": int(umask, 8) & 0o777, "nice": int(nice), "streams": fds,
             "argv": [os.fsdecode(a) for a in argv],
             "env": dict(os.fsdecode(e).split("=", 1) for e in env)}
 
 
-def _send_request(conn, argv: list[str]) -> None:
-    import array
-
-    mask = os.umask(0o077)
-    os.umask(mask)
+def _open_streams() -> list[int]:
+    """Which of 0, 1, 2 are open: a closed standard stream stays closed in the worker."""
     streams = []
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
-        except OSError:  # a closed standard stream stays closed in the worker
+        except OSError:
             continue
         streams.append(fd)
+    return streams
+
+
+def _send_request(conn, argv: list[str], streams: list[int]) -> None:
+    import array
+
+    mask = os.umask(0o077)
+    os.umask(mask)
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        data = encode_request(argv, os.environ, mask, streams)
+        data = encode_request(argv, os.environ, mask, os.getpriority(os.PRIO_PROCESS, 0), streams)
         rights = array.array("i", streams + [cwd]).tobytes()
         sent = conn.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
         if sent < len(data):

@@ -17,7 +17,8 @@ import socket
 import struct
 import sys
 
-from .resident import FORWARDED, MAGIC, PACKAGE, _MAX_REQUEST, decode_request
+from .resident import _MAX_REQUEST, FORWARDED, MAGIC, PACKAGE, decode_request
+
 
 def _preload() -> None:
     """Everything a command may import, imported once (modules that import optional libraries
@@ -25,17 +26,18 @@ def _preload() -> None:
     import importlib
     import pkgutil
 
-    import libvbackup
-    from . import app
-
     import ctypes  # noqa: F401  (PR_SET_PDEATHSIG in each worker)
+
+    import libvbackup
+
+    from . import app
 
     for info in pkgutil.iter_modules(libvbackup.__path__, "libvbackup."):
         importlib.import_module(info.name)
     for module, _fn in app.COMMANDS.values():
         importlib.import_module(f"{__package__}.{module}")
-    from . import backup_run, output  # noqa: F401
     from .. import xmlgen
+    from . import backup_run, output  # noqa: F401
 
     for template in sorted(os.listdir(xmlgen.TEMPLATES)):
         xmlgen._template(template)  # parsed once; a worker copies what it fills
@@ -62,9 +64,18 @@ def _mtime(path: str) -> int:
         return -1
 
 
-def _private_dir(path: str) -> None:
+def _check_path(path: str) -> None:
+    """The socket's directory is ours and private (made, mode 0700, if missing), and nothing but
+    a socket is at the path: checked before anything is created."""
+    import stat
+
     from ..errors import StateError
 
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StateError(f"{path} exists and is not a socket", hint="give --socket another path")
+    except FileNotFoundError:
+        pass
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.stat(directory)
@@ -72,8 +83,6 @@ def _private_dir(path: str) -> None:
         raise StateError(f"directory {directory} of the server's socket is not private "
                          f"(owner uid {st.st_uid}, mode {st.st_mode & 0o7777:04o})",
                          hint=f"use a directory of your own that only you can write (chmod 700 {directory})")
-
-
 
 
 class Server:
@@ -98,7 +107,7 @@ class Server:
         from .. import lock
         from ..errors import StateError
 
-        _private_dir(self.path)
+        _check_path(self.path)
         fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,8 +120,15 @@ class Server:
         self.lock_fd = fd
 
     def listen(self) -> None:
-        """The socket, mode 0600. Under the lock, a socket file left behind is a dead server's."""
+        """The socket, mode 0600. Under the lock, a socket file left behind is a dead server's
+        (anything else there is refused, never removed)."""
+        import stat
+
+        from ..errors import StateError
+
         try:
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise StateError(f"{self.path} exists and is not a socket", hint="give --socket another path")
             os.unlink(self.path)
         except FileNotFoundError:
             pass
@@ -251,12 +267,12 @@ class Server:
         if pid == 0:  # the worker
             try:
                 self._become_worker(server, conn, request, fds)
-            except BaseException:  # noqa: B036  (a bug before the command began: say it, end)
+            except BaseException:  # noqa: B036  (as Python ends on an uncaught exception)
                 import traceback
 
                 traceback.print_exc()
             finally:
-                os._exit(70)  # not reached when the command ran: it ends in os._exit
+                os._exit(1)  # not reached when the command ran: it ends in os._exit
         pidfd = os.pidfd_open(pid)
         self.workers[pidfd] = (pid, conn)
         self._sel.register(pidfd, selectors.EVENT_READ, ("exit", pidfd))
@@ -278,6 +294,7 @@ class Server:
             other.close()
         for sock in self._private:
             sock.close()
+        self._sel.close()
         if self.listener is not None:
             self.listener.close()
         os.close(self.lock_fd)
@@ -293,7 +310,11 @@ class Server:
         os.fchdir(fds[len(streams)])
         for fd in fds:  # received without O_CLOEXEC: no child of the command may inherit them
             os.close(fd)
-        os.umask(int(request["umask"]))
+        os.umask(request["umask"])
+        try:  # the command's nice value (raising one's priority takes privilege: then the server's)
+            os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
+        except OSError:
+            pass
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = list(request["argv"])
@@ -423,6 +444,12 @@ def serve(path: str, log) -> None:
     server.lock()
     try:
         _preload()
+        import threading
+
+        if threading.active_count() != 1:  # a fork would inherit locks that other threads hold
+            from ..errors import StateError
+
+            raise StateError(f"{threading.active_count()} threads after loading libvbackup: cannot fork workers")
         server.listen()
         log(f"listening on {server.path} (pid {os.getpid()})")
         server.run()

@@ -36,12 +36,12 @@ from . import resident
 def serve(
     socket: Optional[str] = typer.Option(
         None, "--socket", metavar="PATH",
-        help=f"Where to listen [default: ${resident.ENV}, else {resident.ROOT_SOCKET} for root, "
+        help=f"Where to listen [default: {resident.ROOT_SOCKET} for root, "
              "$XDG_RUNTIME_DIR/libvbackup/server.sock for other users].",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not log each command on stderr."),
 ) -> None:
-    path = socket or resident.socket_path()
+    path = socket or resident.default_socket()
     if not path:
         from ..errors import UsageError
 
