@@ -1,13 +1,13 @@
-"""A resident libvbackup: commands run in processes forked from one that has imported everything.
+"""The command's side of a resident libvbackup: hand the command to ``libvbackup serve``.
 
 The work of an empty incremental pull costs 18 ms of CPU here; starting Python and importing
 libvirt-python, lxml, libnbd and libvbackup costs some 150 ms more, on every command (README,
-"Fourth session"). ``libvbackup serve`` pays that once: it imports everything, listens on a
-UNIX socket and, for each command, forks a worker that runs it.
+"Fourth session"). ``libvbackup serve`` (``resident_server``) pays that once: it imports
+everything, listens on a UNIX socket and, for each command, forks a worker that runs it.
 
-The ``libvbackup`` command asks first whether a server listens on its socket (``socket_path``).
-If one does, it sends its command line, environment, umask, working directory and its standard
-streams (the descriptors themselves, so a terminal stays a terminal) and waits for the worker's
+When $LIBVBACKUP_SERVER names a socket (``socket_path``; opt-in), the ``libvbackup`` command
+asks there first, before it imports anything else. If a server answers, the command sends its command line, environment, umask, working directory and its standard
+streams (the descriptors themselves, so a terminal stays a terminal), nice value, and waits for the worker's
 exit status, which becomes its own; if none does, or the server declines, it runs the command
 itself, as it always did. The worker is the command: it holds the locks, writes the output,
 gets the signals the command gets (SIGINT, SIGTERM, SIGHUP, SIGQUIT are passed on), and is

@@ -1,26 +1,30 @@
-"""Keep libvbackup loaded, so that every command starts at once: a resident server.
+"""Keep libvbackup loaded, so that commands start at once: a resident server.
 
 Starting Python and importing libvirt-python, lxml and libnbd cost each command some 150 ms of
-CPU here, as much as the work of an empty incremental (README, "Fourth session"). `serve` imports
-everything once and listens on a UNIX socket (mode 0600, in a directory of mode 0700); from then
-on every `libvbackup` command of the same user finds it there, and runs in a process forked from
-it, with the command's own arguments, environment, working directory, umask and standard
-streams. The command waits, passes SIGINT/SIGTERM/SIGHUP/SIGQUIT on, and exits with the
-worker's status; a command that goes away takes its worker with it (SIGKILL), and a worker dies
-with its server. Without a server, or with LIBVBACKUP_SERVER=off, commands run in their own
-process, as always. A server whose files change on disk (an upgrade) sends new commands back to
-run in their own process and ends once its running commands are done.
+CPU here, more than the work of an empty incremental (README, "Fourth session"). `serve`
+imports everything once and listens on a UNIX socket (mode 0600, in a directory of mode 0700,
+made if missing). A `libvbackup` command whose environment has LIBVBACKUP_SERVER=on (the default
+socket) or LIBVBACKUP_SERVER=PATH hands itself to the server of the same user and runs in a
+process forked from it, with its own arguments, environment, working directory, umask, nice
+value and standard streams; it waits, passes SIGINT/SIGTERM/SIGHUP/SIGQUIT on, and exits with
+the worker's status. A command that goes away takes its worker with it (SIGKILL); a worker dies
+with its server. With no server there, or when it declines, the command runs in its own
+process, as it does without LIBVBACKUP_SERVER.
 
-SIGTERM or SIGINT stops the server: no new commands, SIGTERM to the running ones (they clean up
-as they do when interrupted), and it ends when they have.
+A worker runs in the server's cgroup, with the server's I/O priority and resource limits, and
+without a controlling terminal (ssh cannot ask for a password there: use keys); hence asking a
+server is opt-in, never what a systemd unit or a script that set those gets by surprise.
+A server whose files change on disk (an upgrade) sends new commands back to run in their own
+process and ends once its running commands are done. SIGTERM or SIGINT stops it: no new
+commands, SIGTERM to the running ones (they clean up as when interrupted), then it ends.
 
 Examples:
 
 \b
-  libvbackup serve &                      # root: /run/libvbackup/server.sock
-  libvbackup pull vm1 -r /backups -l inc  # runs in the server
-  LIBVBACKUP_SERVER=off libvbackup list   # runs in its own process
-  libvbackup serve --socket /run/lvb/test.sock   # commands: LIBVBACKUP_SERVER=/run/lvb/test.sock
+  libvbackup serve &                       # root: /run/libvbackup/server.sock
+  export LIBVBACKUP_SERVER=on              # this shell's commands use it
+  libvbackup pull vm1 -r /backups -l inc   # runs in the server
+  libvbackup serve --socket /run/lvb/s.sock --quiet &   # LIBVBACKUP_SERVER=/run/lvb/s.sock
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def _analyze() -> str:
 
 def _units(tmp_path: pathlib.Path, edit=lambda name, text: text) -> list[str]:
     out = []
-    for name in ("libvbackup.service", "libvbackup.timer"):
+    for name in ("libvbackup.service", "libvbackup.timer", "libvbackup-serve.service"):
         text = (CONTRIB / name).read_text().replace(f"ExecStart={INSTALLED} ", f"ExecStart={COMMAND} ")
         (tmp_path / name).write_text(edit(name, text))
         out.append(str(tmp_path / name))
@@ -68,6 +68,8 @@ def test_the_units_verify_without_a_word(tmp_path):
     ("libvbackup.service", f"ExecStart={COMMAND} ", "ExecStart=/nonexistent/libvbackup "),
     ("libvbackup.timer", "OnCalendar=daily", "OnCalendar=dayly"),
     ("libvbackup.timer", "Persistent=true", "Persistent=maybe"),
+    ("libvbackup-serve.service", "RuntimeDirectoryMode=0700", "RuntimeDirectoryMode=rwx"),
+    ("libvbackup-serve.service", "Restart=always", "Restart=sometimes"),
 ])
 def test_a_broken_unit_fails_the_check(tmp_path, unit, old, new):
     def edit(name, text):
@@ -93,3 +95,18 @@ def test_the_units_run_libvbackup_run_nightly_and_gently():
     # ExecStart's command line is one the program takes.
     r = subprocess.run([str(COMMAND), *service["ExecStart"].split()[1:], "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "Usage: libvbackup run" in r.stdout
+
+
+def test_the_server_unit_serves_on_the_default_socket_privately():
+    serve = _settings("libvbackup-serve.service")
+    assert serve["Type"] == "simple" and serve["ExecStart"] == f"{INSTALLED} serve"
+    # The directory of the default socket (resident.ROOT_SOCKET), as private as serve requires.
+    assert serve["RuntimeDirectory"] == "libvbackup" and serve["RuntimeDirectoryMode"] == "0700"
+    assert serve["KillMode"] == "mixed" and serve["Restart"] == "always"
+    assert "PrivateTmp" not in serve
+    from libvbackup.cli import resident
+
+    assert resident.ROOT_SOCKET == "/run/libvbackup/server.sock"
+    r = subprocess.run([str(COMMAND), *serve["ExecStart"].split()[1:], "--help"], capture_output=True, text=True,
+                       env={**os.environ, resident.ENV: "off"})
+    assert r.returncode == 0 and "Usage: libvbackup serve" in r.stdout
