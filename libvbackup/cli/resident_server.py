@@ -450,6 +450,10 @@ def serve(path: str, log) -> None:
             from ..errors import StateError
 
             raise StateError(f"{threading.active_count()} threads after loading libvbackup: cannot fork workers")
+        import gc
+
+        gc.collect()
+        gc.freeze()  # what is loaded stays out of the workers' collections: they copy fewer pages
         server.listen()
         log(f"listening on {server.path} (pid {os.getpid()})")
         server.run()
