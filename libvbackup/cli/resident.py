@@ -72,6 +72,14 @@ def _command_name(argv: list[str]) -> str | None:
     return next((a for a in argv[1:] if not a.startswith("-")), None)
 
 
+def runs_here(argv: list[str]) -> bool:
+    """Commands never handed to a server: ``serve`` itself; ``map``, which serves until Ctrl-C;
+    ``restore --instant``, whose NBD servers outlive it (in the server's cgroup, systemd would
+    kill them with the server)."""
+    name = _command_name(argv)
+    return name in ("serve", "map") or (name == "restore" and "--instant" in argv[2:])
+
+
 # ---------------------------------------------------------------------------------------------
 # The client: the libvbackup command, before it imports anything of its own.
 
@@ -82,7 +90,7 @@ class _Declined(Exception):
 def forward(argv: list[str]) -> int | None:
     """Run the command line in the server, if one answers: its exit status (a worker killed by a
     signal kills this process by the same signal). None: no server, or it declined; run here."""
-    if _in_worker or _command_name(argv) == "serve":
+    if _in_worker or runs_here(argv):
         return None
     path = socket_path()
     if not path:

@@ -187,17 +187,20 @@ class Server:
                     return
                 for key, _ in sel.select():
                     kind, pidfd = key.data
-                    if kind == "wake":
-                        try:
-                            wake_r.recv(512)
-                        except BlockingIOError:
-                            pass
-                    elif kind == "accept":
-                        self._accept()
-                    elif kind == "conn":
-                        self._from_client(pidfd)
-                    elif kind == "exit":
-                        self._reap(pidfd)
+                    try:
+                        if kind == "wake":
+                            try:
+                                wake_r.recv(512)
+                            except BlockingIOError:
+                                pass
+                        elif kind == "accept":
+                            self._accept()
+                        elif kind == "conn":
+                            self._from_client(pidfd)
+                        elif kind == "exit":
+                            self._reap(pidfd)
+                    except Exception as e:  # noqa: BLE001 - one command's trouble never ends the server
+                        self.log(f"internal error ({kind}): {type(e).__name__}: {e}")
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in olds.items():
@@ -225,7 +228,7 @@ class Server:
                                                                  struct.calcsize("3i")))
             if uid != os.geteuid():
                 self.log(f"pid {pid}: uid {uid} is not the server's ({os.geteuid()}): refused")
-                conn.sendall(b"declined\n")
+                _send(conn, b"declined\n")
                 conn.close()
                 return
             conn.settimeout(10)
@@ -238,7 +241,7 @@ class Server:
             reason = self._decline(request)
             if reason:
                 self.log(f"pid {pid}: declined ({reason})")
-                conn.sendall(b"declined\n")
+                _send(conn, b"declined\n")
                 conn.close()
                 return
             conn.settimeout(None)
@@ -261,9 +264,14 @@ class Server:
     def _start(self, conn: socket.socket, request: dict, fds: list[int], client: int) -> None:
         import selectors
 
-        conn.sendall(b"started\n")
         server = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # nothing started: the command runs in its own process
+            self.log(f"pid {client}: declined (fork: {e.strerror})")
+            _send(conn, b"declined\n")
+            conn.close()
+            return
         if pid == 0:  # the worker
             try:
                 self._become_worker(server, conn, request, fds)
@@ -275,6 +283,7 @@ class Server:
                 os._exit(1)  # not reached when the command ran: it ends in os._exit
         pidfd = os.pidfd_open(pid)
         self.workers[pidfd] = (pid, conn)
+        _send(conn, b"started\n")  # a command gone already: its end is read below, and kills the worker
         self._sel.register(pidfd, selectors.EVENT_READ, ("exit", pidfd))
         self._sel.register(conn, selectors.EVENT_READ, ("conn", pidfd))
         self.log(f"pid {client}: {' '.join(request['argv'][1:])} -> worker {pid}")
@@ -284,6 +293,7 @@ class Server:
 
         resident._in_worker = True
         _die_with(server)
+        os.setsid()  # no controlling terminal (the server's, if it was started from one), a group of its own
         # Nothing of the server's stays open: not the socket, the lock, other commands' connections.
         signal.set_wakeup_fd(-1)
         for s in (signal.SIGTERM, signal.SIGHUP):
@@ -361,14 +371,19 @@ class Server:
             code = os.waitstatus_to_exitcode(status)
             reply, text = b"exit %d\n" % code, f"exit {code}"
         self.log(f"worker {pid}: {text}")
-        try:
-            conn.sendall(reply)
-        except OSError:
-            pass
+        _send(conn, reply)
         conn.close()
         if self.retiring and not self.workers and self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
+
+
+def _send(conn: socket.socket, data: bytes) -> None:
+    """To a command that may have gone: then its end is seen where the connection is read."""
+    try:
+        conn.sendall(data)
+    except OSError:
+        pass
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:

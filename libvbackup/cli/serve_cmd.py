@@ -9,13 +9,14 @@ process forked from it, with its own arguments, environment, working directory, 
 value and standard streams; it waits, passes SIGINT/SIGTERM/SIGHUP/SIGQUIT on, and exits with
 the worker's status. A command that goes away takes its worker with it (SIGKILL); a worker dies
 with its server. With no server there, or when it declines, the command runs in its own
-process, as it does without LIBVBACKUP_SERVER.
+process, as it does without LIBVBACKUP_SERVER; so do `map` and `restore --instant` (its NBD
+servers outlive the command: in the server's cgroup, systemd would stop them with the server).
 
 A worker runs in the server's cgroup, with the server's I/O priority and resource limits, and
 without a controlling terminal (ssh cannot ask for a password there: use keys); hence asking a
 server is opt-in, never what a systemd unit or a script that set those gets by surprise.
 A server whose files change on disk (an upgrade) sends new commands back to run in their own
-process and ends once its running commands are done. SIGTERM or SIGINT stops it: no new
+process and ends once its running commands are done. SIGTERM, SIGINT or SIGHUP stops it: no new
 commands, SIGTERM to the running ones (they clean up as when interrupted), then it ends.
 
 Examples:
@@ -54,8 +55,11 @@ def serve(
 
     def log(text: str) -> None:
         if not quiet or text.startswith("listening"):
-            sys.stderr.write(f"libvbackup serve: {text}\n")
-            sys.stderr.flush()
+            try:
+                sys.stderr.write(f"libvbackup serve: {text}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):  # nobody reads the log any more: serving goes on
+                pass
 
     from . import resident_server
 

@@ -62,5 +62,11 @@ def test_serve_itself_and_workers_are_never_forwarded(monkeypatch):
     monkeypatch.setenv(resident.ENV, "/nonexistent/dir/s.sock")
     assert resident.forward(["libvbackup", "--debug", "serve", "--socket", "x"]) is None
     assert resident._command_name(["libvbackup", "-v", "pull", "serve"]) == "pull"
+    # Long-lived or lasting: where they are typed.
+    for argv in (["libvbackup", "map", "vm1", "--disk", "vda"], ["libvbackup", "--debug", "restore", "vm1", "--instant"],
+                 ["libvbackup", "serve"]):
+        assert resident.runs_here(argv) and resident.forward(argv) is None
+    for argv in (["libvbackup", "restore", "vm1", "--output", "d"], ["libvbackup", "pull", "map"]):
+        assert not resident.runs_here(argv)
     # No server listens there: the command runs in its own process.
     assert resident.forward(["libvbackup", "list"]) is None
