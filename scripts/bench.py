@@ -3,8 +3,9 @@
 Pull: `libvbackup pull` against `virsh backup-begin` + nbdcopy / qemu-img convert of the export;
 an empty incremental (the fixed cost of a command) against `virsh backup-begin` of an
 incremental job with a checkpoint + `virsh domjobabort` (inc_empty_hand), and the same empty
-incremental run through a `libvbackup serve` started for the bench (inc_empty_served: the
-command hands itself to a process forked from the server, which has everything imported).
+incremental, the full pull, the restore and the full push run through a `libvbackup serve`
+started for the bench (*_served: the command hands itself to a process forked from the server,
+which has everything imported), each into a repository of its own.
 CPU: user + sys of the command's processes (libvirtd and QEMU not counted; a served command's
 worker counted).
 Push: `libvbackup push` against libvirt's own push job (`virsh backup-begin` of a
@@ -642,6 +643,9 @@ GOALS = {  # issue 13 ("Done when"), README section Performance
     "restore_vs_qemu_img": 1.05,
     "inc_empty_minus_hand_seconds": 0.05,  # the fixed cost of a command
     "inc_empty_served_minus_hand_seconds": 0.05,  # the same through libvbackup serve
+    "served_full_vs_best_hand": 1.05,
+    "served_restore_vs_qemu_img": 1.05,
+    "served_push_full_vs_libvirt_job": 1.2,
     "push_full_vs_libvirt_job": 1.2,
     **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
@@ -780,25 +784,32 @@ def main() -> int:
                     raise SystemExit(f"bench: remote: {k} would export on {rem['export'][k]!r}, not {w!r}")
             log(f"bench: remote: {rem['uri']}; exports: "
                 + ", ".join(f"{k} {v}" for k, v in rem["export"].items()))
-        if "pull" in modes:
+        if modes & {"pull", "push"}:
             served = Served(work)
+        serving = served is not None and served.proc is not None
         for r in range(args.rounds if vm is not None else 0):
             log(f"bench: round {r + 1}/{args.rounds}")
             if "pull" in modes:
                 repo = work / f"repo{r}"
                 repo.mkdir(mode=0o700)
                 pull = [CLI, "pull", vm.name, "--repo", str(repo), *opts["pull"]]
-                alternate(r, [
+                full = [
                     ("full_libvbackup", lambda: timed(pull + ["--checkpoint", f"b{r}-full"])),
                     ("full_nbdcopy", lambda: hand_pipeline(vm, work, "nbdcopy")),
                     ("full_qemu_img", lambda: hand_pipeline(vm, work, "qemu-img")),
-                ], add)
+                ]
+                served_repo = work / f"served{r}"  # the served full pull's own repository: one chain each
+                if serving:
+                    served_repo.mkdir(mode=0o700)
+                    full.append(("full_served", lambda: served.timed(
+                        [CLI, "pull", vm.name, "--repo", str(served_repo), *opts["pull"], "--checkpoint", f"b{r}-fs"])))
+                alternate(r, full, add)
                 # All since the full point, with nothing dirty; the served one runs in `libvbackup serve`.
-                empty = [
+                empty = [  # (the served one: `libvbackup serve` started for the bench)
                     ("inc_empty", lambda: timed(pull + ["--checkpoint", f"b{r}-i0", "--incremental", f"b{r}-full"])),
                     ("inc_empty_hand", lambda: hand_empty(vm, work, f"b{r}-full")),
                 ]
-                if served is not None and served.proc is not None:
+                if serving:
                     empty.append(("inc_empty_served", lambda: served.timed(
                         pull + ["--checkpoint", f"b{r}-s0", "--incremental", f"b{r}-full"])))
                 alternate(r, empty, add)
@@ -809,29 +820,43 @@ def main() -> int:
                 chain_files = sorted((repo / vm.name).glob("*/vda.qcow2"))
                 # Each restore reads the chain from the disk, as a restore long after the backup does
                 # (the pull left it out of the page cache; the first reader would warm it for the second).
-                alternate(r, [
-                    ("restore_libvbackup", lambda: evicted(chain_files) and timed(
-                        [CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint", f"b{r}-i1", "--output", str(out),
-                         "--progress", "none"])),
+                restore = [CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint", f"b{r}-i1", "--progress", "none"]
+                restores = [
+                    ("restore_libvbackup", lambda: evicted(chain_files) and timed(restore + ["--output", str(out)])),
                     ("restore_qemu_img", lambda: evicted(chain_files) and timed(
                         ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qcow2", str(top),
                          str(work / "ref.qcow2")])),
-                ], add)
+                ]
+                if serving:
+                    restores.append(("restore_served", lambda: evicted(chain_files) and served.timed(
+                        restore + ["--output", str(work / "restore-served")])))
+                alternate(r, restores, add)
                 shutil.rmtree(out)
+                shutil.rmtree(work / "restore-served", ignore_errors=True)
+                shutil.rmtree(served_repo, ignore_errors=True)
                 (work / "ref.qcow2").unlink()
                 shutil.rmtree(repo)
             if "push" in modes:
                 repo = work / f"push{r}"
                 repo.mkdir(mode=0o700)
                 push = [CLI, "push", vm.name, "--repo", str(repo), *opts["push"]]
+                served_push = work / f"push{r}s"  # the served push's own repository
                 before = set(vm.checkpoints())
-                alternate(r, [
+                pushes = [
                     ("push_full_libvbackup", lambda: timed(push)),
                     ("push_full_libvirt", lambda: hand_push(vm, work)),
-                ], add)
+                ]
+                if serving:
+                    served_push.mkdir(mode=0o700)
+                    pushes.append(("push_full_served", lambda: served.timed(
+                        [CLI, "push", vm.name, "--repo", str(served_push), *opts["push"]])))
+                alternate(r, pushes, add)
                 made = sorted(set(vm.checkpoints()) - before)
-                if len(made) != 1:
-                    raise SystemExit(f"bench: expected one new checkpoint from the full push, found {made}")
+                if len(made) != 1 + serving:
+                    raise SystemExit(f"bench: expected {1 + serving} new checkpoints from the full pushes, found {made}")
+                # The incrementals are since the point of `push`'s repository.
+                made = [json.loads((repo / vm.name / "manifest.json").read_text())["points"][-1]["checkpoint"]]
+                shutil.rmtree(served_push, ignore_errors=True)
                 push_dirty_bytes = dirty(vm, args.disk_mib, rng)
                 # Both copy what changed since the full push's checkpoint, whichever runs first.
                 alternate(r, [
@@ -897,12 +922,16 @@ def main() -> int:
             "inc_empty_minus_hand_seconds": med["inc_empty"] - med["inc_empty_hand"],
         })
         if "inc_empty_served" in med:
+            ratios["served_full_vs_best_hand"] = med["full_served"] / best_hand
+            ratios["served_restore_vs_qemu_img"] = med["restore_served"] / med["restore_qemu_img"]
             ratios["inc_empty_served_minus_hand_seconds"] = med["inc_empty_served"] - med["inc_empty_hand"]
     if "push" in modes:
         ratios.update({
             "push_full_vs_libvirt_job": med["push_full_libvbackup"] / med["push_full_libvirt"],
             "push_inc_vs_libvirt_job": med["push_inc_libvbackup"] / med["push_inc_libvirt"],
         })
+        if "push_full_served" in med:
+            ratios["served_push_full_vs_libvirt_job"] = med["push_full_served"] / med["push_full_libvirt"]
     if rem is not None:
         for k, _ in REMOTE_RUNS:
             if min(remote_copied[k]) < data:
