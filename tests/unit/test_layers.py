@@ -108,3 +108,23 @@ def test_results_hands_on_the_outcome_classes():
         assert "NoSuchResult" in str(e)
     else:
         raise AssertionError("results.NoSuchResult resolved")
+
+
+def test_every_module_that_logs_imports_errors_which_quiets_the_package_logger():
+    """The package logger's NullHandler lives in ``errors`` (``libvbackup/__init__`` imports no
+    logging, so that a command handed to ``libvbackup serve`` starts without it): each module
+    that makes a logger must import ``errors`` itself, and importing one attaches the handler."""
+    loggers = []
+    for f in PKG.rglob("*.py"):
+        if "getLogger(" in f.read_text() and f.stem != "errors":
+            ours, _ = imports(f)
+            assert "errors" in ours, f
+            loggers.append(f)
+    assert len(loggers) >= 15
+    code = ("import logging, sys; import libvbackup.repo; "
+            "print([type(h).__name__ for h in logging.getLogger('libvbackup').handlers], 'logging' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['NullHandler'] True"
+    out = subprocess.run([sys.executable, "-c", "import sys, libvbackup; print('logging' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
