@@ -830,7 +830,8 @@ def main() -> int:
                 chain_files = sorted((repo / vm.name).glob("*/vda.qcow2"))
                 # Each restore reads the chain from the disk, as a restore long after the backup does
                 # (the pull left it out of the page cache; the first reader would warm it for the second).
-                restore = [CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint", f"b{r}-i1", "--progress", "none"]
+                restore = [CLI, "restore", vm.name, "--repo", str(repo), "--checkpoint", f"b{r}-i1",
+                           "--progress", "none"]
                 restores = [
                     ("restore_libvbackup", lambda: evicted(chain_files) and timed(restore + ["--output", str(out)])),
                     ("restore_qemu_img", lambda: evicted(chain_files) and timed(
@@ -863,7 +864,8 @@ def main() -> int:
                 alternate(r, pushes, add)
                 made = sorted(set(vm.checkpoints()) - before)
                 if len(made) != 1 + serving:
-                    raise SystemExit(f"bench: expected {1 + serving} new checkpoints from the full pushes, found {made}")
+                    raise SystemExit(f"bench: expected {1 + serving} new checkpoints from the full pushes, "
+                                     f"found {made}")
                 # The incrementals are since the point of `push`'s repository; the served push's
                 # checkpoint goes (not timed), as the served pull's does.
                 ours = json.loads((repo / vm.name / "manifest.json").read_text())["points"][-1]["checkpoint"]

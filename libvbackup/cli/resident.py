@@ -6,9 +6,10 @@ libvirt-python, lxml, libnbd and libvbackup costs some 150 ms more, on every com
 everything, listens on a UNIX socket and, for each command, forks a worker that runs it.
 
 When $LIBVBACKUP_SERVER names a socket (``socket_path``; opt-in), the ``libvbackup`` command
-asks there first, before it imports anything else. If a server answers, the command sends its command line, environment, umask, working directory and its standard
-streams (the descriptors themselves, so a terminal stays a terminal), nice value, and waits for the worker's
-exit status, which becomes its own; if none does, or the server declines, it runs the command
+asks there first, before it imports anything else. If a server answers, the command sends its
+command line, environment, umask, nice value, working directory and standard streams (the
+descriptors themselves, so a terminal stays a terminal) and waits for the worker's exit
+status, which becomes its own; if none answers, or the server declines, the command runs
 itself, as it always did. The worker is the command: it holds the locks, writes the output,
 gets the signals the command gets (SIGINT, SIGTERM, SIGHUP, SIGQUIT are passed on), and is
 killed (SIGKILL) when the command goes away without a word, so a run never outlives the
@@ -22,7 +23,6 @@ declines every command from then on and ends once its workers are done.
 from __future__ import annotations
 
 import os
-import sys
 
 # The client imports the C modules under socket and signal: those two, with the enum and
 # selectors modules they import, cost each command 10 ms (README, "Fourth session").

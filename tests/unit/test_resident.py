@@ -19,7 +19,8 @@ def _body(data: bytes) -> bytes:
 
 def test_request_round_trip_keeps_arguments_and_environment_exactly():
     argv = ["/usr/bin/libvbackup", "pull", "vm 1", "", "--repo=/a=b", "ümlaut", os.fsdecode(b"raw\xff\xfe")]
-    env = {"PATH": "/usr/bin", "EMPTY": "", "EQ": "a=b=c", "NL": "two\nlines", os.fsdecode(b"K\xe9"): os.fsdecode(b"v\x80")}
+    env = {"PATH": "/usr/bin", "EMPTY": "", "EQ": "a=b=c", "NL": "two\nlines",
+           os.fsdecode(b"K\xe9"): os.fsdecode(b"v\x80")}
     data = resident.encode_request(argv, env, 0o027, 10, [0, 2])
     got = resident.decode_request(_body(data))
     assert got == {"package": resident.PACKAGE, "umask": 0o027, "nice": 10, "streams": [0, 2], "argv": argv,
@@ -63,8 +64,8 @@ def test_serve_itself_and_workers_are_never_forwarded(monkeypatch):
     assert resident.forward(["libvbackup", "--debug", "serve", "--socket", "x"]) is None
     assert resident._command_name(["libvbackup", "-v", "pull", "serve"]) == "pull"
     # Long-lived or lasting: where they are typed.
-    for argv in (["libvbackup", "map", "vm1", "--disk", "vda"], ["libvbackup", "--debug", "restore", "vm1", "--instant"],
-                 ["libvbackup", "serve"]):
+    for argv in (["libvbackup", "map", "vm1", "--disk", "vda"],
+                 ["libvbackup", "--debug", "restore", "vm1", "--instant"], ["libvbackup", "serve"]):
         assert resident.runs_here(argv) and resident.forward(argv) is None
     for argv in (["libvbackup", "restore", "vm1", "--output", "d"], ["libvbackup", "pull", "map"]):
         assert not resident.runs_here(argv)
