@@ -99,7 +99,8 @@ def main() -> None:
     is over, and the interpreter's teardown (freeing some 200 modules) would cost 15-20 ms, a
     tenth of an empty incremental. Programs use ``libvbackup.api``, which never exits.
 
-    When a ``libvbackup serve`` answers on its socket, the command runs there (``resident``)."""
+    With $LIBVBACKUP_SERVER set (opt-in) and a ``libvbackup serve`` answering there, the command
+    runs in a worker of that server (``resident``)."""
     code = resident.forward(sys.argv)
     if code is not None:
         os._exit(code)

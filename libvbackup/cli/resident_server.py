@@ -1,8 +1,9 @@
 """``libvbackup serve``: the resident server that ``resident``'s client hands commands to.
 
 It takes a lock that says it is live (a flock that dies with it), imports everything a command
-may need, listens, and forks a worker per command: the worker takes the command's standard
-streams, working directory, umask, environment and arguments and runs ``main.main``. The server
+may need, listens, and forks a worker per command: the worker (``resident_worker``) takes the
+command's standard streams, working directory, umask, environment and arguments and runs
+``main.main``. The server
 stays single-threaded (a fork from a threaded process could inherit a held lock): one loop
 watches the socket, each command's connection (signals to pass on; its end kills the worker)
 and each worker's pidfd (its end: the status goes back to the command). Signals reach a worker
@@ -17,6 +18,7 @@ import socket
 import struct
 import sys
 
+from . import resident_worker
 from .resident import _MAX_REQUEST, FORWARDED, MAGIC, PACKAGE, decode_request
 
 
@@ -122,13 +124,8 @@ class Server:
     def listen(self) -> None:
         """The socket, mode 0600. Under the lock, a socket file left behind is a dead server's
         (anything else there is refused, never removed)."""
-        import stat
-
-        from ..errors import StateError
-
+        _check_path(self.path)
         try:
-            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise StateError(f"{self.path} exists and is not a socket", hint="give --socket another path")
             os.unlink(self.path)
         except FileNotFoundError:
             pass
@@ -274,7 +271,8 @@ class Server:
             return
         if pid == 0:  # the worker
             try:
-                self._become_worker(server, conn, request, fds)
+                self._close_for_worker(conn)
+                resident_worker.become(request, fds, server)
             except BaseException:  # noqa: B036  (as Python ends on an uncaught exception)
                 import traceback
 
@@ -288,17 +286,10 @@ class Server:
         self._sel.register(conn, selectors.EVENT_READ, ("conn", pidfd))
         self.log(f"pid {client}: {' '.join(request['argv'][1:])} -> worker {pid}")
 
-    def _become_worker(self, server: int, conn: socket.socket, request: dict, fds: list[int]) -> None:
-        from . import resident
-
-        resident._in_worker = True
-        _die_with(server)
-        os.setsid()  # no controlling terminal (the server's, if it was started from one), a group of its own
-        # Nothing of the server's stays open: not the socket, the lock, other commands' connections.
+    def _close_for_worker(self, conn: socket.socket) -> None:
+        """In a new worker: nothing of the server's stays open (the socket, the lock, the other
+        commands' connections and pidfds, this command's connection: the server keeps it)."""
         signal.set_wakeup_fd(-1)
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         for pidfd, (_pid, other) in self.workers.items():
             os.close(pidfd)
             other.close()
@@ -309,29 +300,6 @@ class Server:
             self.listener.close()
         os.close(self.lock_fd)
         conn.close()
-        streams = request["streams"]
-        for fd, target in zip(fds, streams):
-            os.dup2(fd, target, inheritable=True)
-        for target in {0, 1, 2} - set(streams):
-            try:
-                os.close(target)
-            except OSError:
-                pass
-        os.fchdir(fds[len(streams)])
-        for fd in fds:  # received without O_CLOEXEC: no child of the command may inherit them
-            os.close(fd)
-        os.umask(request["umask"])
-        try:  # the command's nice value (raising one's priority takes privilege: then the server's)
-            os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
-        except OSError:
-            pass
-        os.environ.clear()
-        os.environ.update(request["env"])
-        sys.argv = list(request["argv"])
-        _new_streams(streams, bool(request["env"].get("PYTHONUNBUFFERED")))
-        from .main import main
-
-        main()
 
     def _from_client(self, pidfd: int) -> None:
         """A signal to pass on, or the command gone: its worker is killed."""
@@ -373,9 +341,8 @@ class Server:
         self.log(f"worker {pid}: {text}")
         _send(conn, reply)
         conn.close()
-        if self.retiring and not self.workers and self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
+        if self.retiring:
+            self.close()  # the lock goes with the last worker
 
 
 def _send(conn: socket.socket, data: bytes) -> None:
@@ -418,34 +385,6 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
         for fd in fds:
             os.close(fd)
         raise
-
-
-def _die_with(server: int) -> None:
-    """PR_SET_PDEATHSIG: the worker is killed when the server ends."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != server:  # it ended before the call
-        os._exit(1)
-
-
-def _new_streams(streams: list[int], unbuffered: bool) -> None:
-    """sys.stdin/stdout/stderr on the client's descriptors, buffered as Python buffers them."""
-    import io
-
-    def text(fd: int, mode: str, old):
-        if fd not in streams:
-            return None
-        raw = io.open(fd, mode + "b", buffering=0 if unbuffered and mode == "w" else -1, closefd=False)
-        return io.TextIOWrapper(raw, encoding=old.encoding if old else "utf-8",
-                                errors=old.errors if old else "strict",
-                                line_buffering=fd == 2 or (fd == 1 and os.isatty(1)),
-                                write_through=unbuffered and mode == "w")
-
-    sys.stdin = sys.__stdin__ = text(0, "r", sys.__stdin__)
-    sys.stdout = sys.__stdout__ = text(1, "w", sys.__stdout__)
-    sys.stderr = sys.__stderr__ = text(2, "w", sys.__stderr__)
 
 
 def serve(path: str, log) -> None:
