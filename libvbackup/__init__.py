@@ -27,6 +27,7 @@ tests/unit/test_layers.py holds the code to it):
 - ``lock``        the per-VM lock, never unlinked; its holder proven by the kernel
 - ``progress``    progress lines and counters
 - ``signals``     SIGINT/SIGTERM around a run, the umask
+- ``preload``     imports made in a thread while a libvirt call waits (the copy's modules during backupBegin)
 - ``nbdio``       the only module that imports ``nbd``: ``Source``, the one source interface
 - ``bucket``      the only module that imports ``boto3``: S3 objects, errors in one line
 - ``imagefile``   a qcow2 image's own layer read from its file (``qemu-img map`` + pread)

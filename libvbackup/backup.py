@@ -317,6 +317,7 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
     t0 = time.monotonic()
     repository.ensure_vm_dir(vm)
     journal.write(repository, record)
+    ctx: RunContext | None = None
     try:
         if not planned.remote:
             scratch.make_run_dir(docs.run_dir)
@@ -333,8 +334,11 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
         results = _transport(planned.transport)(ctx)
         point = _point(repository, dom, planned, req, record, results, time.monotonic() - t0, freezer)
         repository.commit_point(planned.manifest, point)
+        _end_job(ctx, vm, plan.checkpoint)
         journal.cleanup(repository, dom, record)  # the point is in the manifest: only the run dir goes
     except BaseException as e:
+        if ctx is not None:
+            ctx.forget_job()
         with deferred() as pending:
             try:
                 journal.cleanup(repository, dom, record)
@@ -348,6 +352,14 @@ def _execute(repository: Repository, dom, planned: Planned, req: Request, progre
                              "start the VM again and take a full backup (--level auto does)") from e
         raise
     return _result(repository, planned, req, point, note=freezer.note)
+
+
+def _end_job(ctx: RunContext, vm: str, checkpoint: str) -> None:
+    try:
+        ctx.end_job()
+    except LibvirtError as e:
+        raise LibvirtError(f"point {checkpoint} is complete and in the repository; {e.message}",
+                           f"end the job by hand: virsh domjobabort {vm}") from e
 
 
 def _still_running(dom) -> bool:

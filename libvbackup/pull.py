@@ -5,7 +5,9 @@ backupBegin (pull mode) creates the job and the checkpoint; each disk's export i
 dirty bitmap libvirt names in the job's XML) and
 written by ``target.Qcow2Target`` into ``<chk>.partial/<disk>.qcow2`` with the block hasher
 watching; every disk is copied at once. The job is ended once every image is complete and
-flushed (a pull job lasts until it is aborted).
+flushed (a pull job lasts until it is aborted), and the pipeline commits the point while
+libvirt ends it (``RunContext.end_job``). The modules only the copy needs are imported while
+backupBegin runs (``preload``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import contextlib
 import logging
 import threading
 
-from . import nbdio, parallel, scratch, target as tgt, xmlgen
+from . import scratch, xmlgen
 from .documents import documents
 from .errors import LibvirtError, StateError
+from .preload import Preload
 from .transport import DiskResult, RunContext
 
 log = logging.getLogger(__name__)
+
+# imported while backupBegin runs: nothing before it needs them
+COPY_MODULES = ("nbd", "libvbackup.nbdio", "libvbackup.parallel", "libvbackup.target", "hashlib", "xxhash")
 
 STALL = 600.0  # seconds without a byte copied from a remote export before the run gives up on it
 # (long: an incremental of a huge thin disk asks block status for minutes before its first byte)
@@ -46,6 +52,8 @@ def _begin_on_a_free_port(ctx: RunContext) -> None:
 
 
 def _source(ctx: RunContext, name: str, bitmap: str | None):
+    from . import nbdio
+
     if ctx.net is None:
         return nbdio.export(ctx.docs.socket, name, bitmap)
     tcp = ctx.docs.tcp
@@ -54,10 +62,16 @@ def _source(ctx: RunContext, name: str, bitmap: str | None):
 
 def run(ctx: RunContext) -> list[DiskResult]:
     plan, dom = ctx.plan, ctx.dom
-    if ctx.net is None:
-        ctx.begin_job()
-    else:
-        _begin_on_a_free_port(ctx)
+    loading = Preload(COPY_MODULES)
+    try:
+        if ctx.net is None:
+            ctx.begin_job()
+        else:
+            _begin_on_a_free_port(ctx)
+    finally:
+        loading.join()
+    from . import parallel, target as tgt
+
     docs = ctx.docs
     bitmaps = xmlgen.export_bitmaps(dom.backup_xml())
     jobs, sums = [], {}
@@ -77,20 +91,22 @@ def run(ctx: RunContext) -> list[DiskResult]:
         try:
             stats = parallel.copy_all(jobs, ctx.progress, watch, ctx.sink, vm=plan.vm,
                                       stall=STALL if ctx.net is not None else None, on_sources_done=ender.start)
-        finally:
+        except BaseException:
             ender.join()  # never a libvirt call of ours left running behind the run's clean-up
+            raise
+        ctx.job_end = ender  # the pipeline waits for it after the commit (or joins it on failure)
         results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
                               sums[j.name].complete(), sums[j.name].layout.block,
                               sums[j.name].layout.algorithm_name,
                               compression=getattr(j.target, "compression", None)) for j in jobs]
-    ender.wait()
     return results
 
 
 class _JobEnder:
     """Ends the backup job in a thread once the export is no longer read, while the images get
-    their metadata and fsync (10-15 ms of a run's end: ``abortJob``, then libvirt's end of
-    the job). ``wait`` ends it here if that never started, and raises what ending it raised."""
+    their metadata and fsync and the point is committed (15-20 ms of a run's end: ``abortJob``,
+    then libvirt's end of the job). ``wait`` ends it here if that never started, and raises what
+    ending it raised; ``join`` only waits."""
 
     def __init__(self, dom):
         self.dom = dom

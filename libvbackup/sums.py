@@ -20,7 +20,6 @@ that started dense continues in format 2 (its algorithm and block size are kept)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import struct
 from typing import BinaryIO, Iterator
 
@@ -50,6 +49,8 @@ class Layout:
 
     def blkhash_of(self, f: BinaryIO) -> str:
         """The blkhash of a sums file, read as a stream."""
+        import hashlib  # (lazily: OpenSSL's 2.5 ms are for the commands that hash)
+
         h = hashlib.sha256(self.prefix() if self.format == SPARSE else b"")
         while chunk := f.read(READ_CHUNK):
             h.update(chunk)
@@ -107,6 +108,8 @@ class SumsWriter:
             raise ValueError("new sums are written sparse")
         self.f = f
         self.layout = layout
+        import hashlib
+
         self._h = hashlib.sha256(layout.prefix())
         self._buf = bytearray()
         self._last = -1

@@ -34,6 +34,9 @@ class RunContext:
     net: object | None = None  # netexport.NetExport: the export is on TCP
     remote: bool = False  # libvirt runs on another host (the scratch images are there)
     compress: bool = False  # pull: the images' clusters compressed (``target.CompressedQcow2Target``)
+    # A transport whose job is still ending when it returns (pull) leaves its ender here, with
+    # ``wait()`` (raises what ending it raised) and ``join()``: see ``end_job``.
+    job_end: object | None = None
 
     @property
     def plan(self) -> BackupPlan:
@@ -51,6 +54,21 @@ class RunContext:
             self.freezer.run(begin)
         if self.on_job_started is not None:
             self.on_job_started()
+
+    def end_job(self) -> None:
+        """After the commit: wait until the job has ended. libvirt ends a pull job (its scratch
+        images, its export) while the pipeline commits the point; the run directory is removed
+        only after this."""
+        ender, self.job_end = self.job_end, None
+        if ender is not None:
+            ender.wait()
+
+    def forget_job(self) -> None:
+        """On failure, before the clean-up: only wait until a job's end in progress is done
+        (the clean-up then sees whether the job is still there)."""
+        ender, self.job_end = self.job_end, None
+        if ender is not None:
+            ender.join()
 
     def sink(self, doc: dict) -> None:
         self.repository.write_progress(self.plan.vm, doc)
