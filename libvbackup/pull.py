@@ -25,7 +25,7 @@ from .transport import DiskResult, RunContext
 log = logging.getLogger(__name__)
 
 # imported while backupBegin runs: nothing before it needs them
-COPY_MODULES = ("nbd", "libvbackup.nbdio", "libvbackup.parallel", "libvbackup.target", "hashlib", "xxhash")
+COPY_MODULES = ("libvbackup.nbdio", "libvbackup.parallel", "libvbackup.target", "hashlib", "xxhash")
 
 STALL = 600.0  # seconds without a byte copied from a remote export before the run gives up on it
 # (long: an incremental of a huge thin disk asks block status for minutes before its first byte)

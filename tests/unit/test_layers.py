@@ -128,3 +128,26 @@ def test_every_module_that_logs_imports_errors_which_quiets_the_package_logger()
     out = subprocess.run([sys.executable, "-c", "import sys, libvbackup; print('logging' in sys.modules)"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_pull_transport_leaves_the_copy_modules_to_its_preload():
+    """``pull`` imports libnbd's bindings, the engine and the qcow2 writer only while backupBegin
+    runs (``preload``): imported before it, they would cost the command's start again."""
+    code = ("import sys; import libvbackup.backup, libvbackup.pull; print(sorted(m for m in ('nbd', "
+            "'libvbackup.nbdio', 'libvbackup.engine', 'libvbackup.parallel', 'libvbackup.target', "
+            "'libvbackup.qcow2', 'hashlib', 'xxhash') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from libvbackup import pull
+
+    assert set(pull.COPY_MODULES) >= {"libvbackup.nbdio", "libvbackup.parallel", "libvbackup.target"}
+
+
+def test_preload_imports_in_a_thread_and_leaves_a_failure_to_the_callers_import():
+    code = ("import sys, threading; from libvbackup.preload import Preload; "
+            "p = Preload(('libvbackup.qcow2', 'libvbackup.no_such_module', 'libvbackup.extents')); p.join(); "
+            "print('libvbackup.qcow2' in sys.modules, 'libvbackup.extents' in sys.modules, "
+            "threading.active_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # the failed import ends the thread's list (the caller's own import raises it again)
+    assert out.split() == ["True", "False", "1"]
