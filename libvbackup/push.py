@@ -7,7 +7,8 @@ REUSE_EXTERNAL, which libvirt 9.0 needs, as it would otherwise point an incremen
 the live disk). When the job succeeded, each image is moved into ``<chk>.partial/`` (root,
 0600), where its backing file resolves, and its digests are computed by the engine from the
 image's own layer, read from the file (``imagefile``): data and zero clusters are read or
-noted, the rest keeps the parent's digests. Its fsync overlaps that pass.
+noted, the rest keeps the parent's digests. Its fsync overlaps that pass. The modules of that
+pass are imported while the job runs (``preload``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import pathlib
 import threading
 import time
 
-from . import engine, imagefile, parallel, qemuimg, scratch
+from . import qemuimg, scratch
 from .errors import CopyError, RepositoryError
+from .preload import Preload
 from .progress import Progress
 from .transport import DiskResult, RunContext
 
 _JOB_OPERATION_BACKUP = 9  # libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP (virt is the only libvirt import)
 POLL = 0.01  # seconds between two looks at the job (each a libvirt call of about 1 ms)
+WATCH = 0.5  # seconds between two looks of the scratch guard while the job runs (as a pull's)
+# imported while the job runs: only the digest pass after it needs them
+DIGEST_MODULES = ("libvbackup.engine", "libvbackup.imagefile", "libvbackup.parallel", "hashlib", "xxhash")
 
 
 def run(ctx: RunContext) -> list[DiskResult]:
@@ -36,8 +41,14 @@ def run(ctx: RunContext) -> list[DiskResult]:
         path = docs.push_target(d.name)
         qemuimg.create(str(path), sizes[d.name], backing=ctx.backing(d), unsafe=True)
         scratch.give_to_qemu(path)
-    ctx.begin_job(reuse_external=True)
-    _wait(ctx)
+    loading = Preload(DIGEST_MODULES)
+    try:
+        ctx.begin_job(reuse_external=True)
+        _wait(ctx)
+    finally:
+        loading.join()
+    from . import engine, imagefile, parallel
+
     done = dom.completed_job_stats()
     if not done.get("success", False):
         raise CopyError(f"the push backup failed: {done.get('errmsg') or 'libvirt reports no reason'}")
@@ -73,7 +84,7 @@ def _wait(ctx: RunContext) -> None:
                 return
             prog.totals["all disks"] = st.get("disk_total", 0)
             prog.done["all disks"] = st.get("disk_processed", 0)
-            if time.monotonic() - last >= parallel.WATCH_INTERVAL:
+            if time.monotonic() - last >= WATCH:
                 last = time.monotonic()
                 watch()
             time.sleep(POLL)

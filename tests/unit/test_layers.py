@@ -130,17 +130,24 @@ def test_every_module_that_logs_imports_errors_which_quiets_the_package_logger()
     assert out.strip() == "False"
 
 
-def test_the_pull_transport_leaves_the_copy_modules_to_its_preload():
+def test_the_transports_leave_the_copy_modules_to_their_preload():
     """``pull`` imports libnbd's bindings, the engine and the qcow2 writer only while backupBegin
-    runs (``preload``): imported before it, they would cost the command's start again."""
+    runs, ``push`` its digest pass's modules while the job runs (``preload``): imported before,
+    they would add to the command's start again."""
     code = ("import sys; import libvbackup.backup, libvbackup.pull; print(sorted(m for m in ('nbd', "
             "'libvbackup.nbdio', 'libvbackup.engine', 'libvbackup.parallel', 'libvbackup.target', "
             "'libvbackup.qcow2', 'hashlib', 'xxhash') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    from libvbackup import pull
+    from libvbackup import pull, push
 
     assert set(pull.COPY_MODULES) >= {"libvbackup.nbdio", "libvbackup.parallel", "libvbackup.target"}
+    code = ("import sys; import libvbackup.backup, libvbackup.push; print(sorted(m for m in ("
+            "'libvbackup.engine', 'libvbackup.imagefile', 'libvbackup.parallel', 'hashlib', 'xxhash') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert set(push.DIGEST_MODULES) >= {"libvbackup.engine", "libvbackup.imagefile", "libvbackup.parallel"}
 
 
 def test_preload_imports_in_a_thread_and_leaves_a_failure_to_the_callers_import():
