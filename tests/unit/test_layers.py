@@ -130,23 +130,24 @@ def test_every_module_that_logs_imports_errors_which_quiets_the_package_logger()
     assert out.strip() == "False"
 
 
+def loaded(modules: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` a fresh interpreter holds after importing ``modules``."""
+    code = f"import sys; import {modules}; print(sorted(m for m in {names!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return ast.literal_eval(out.strip())
+
+
 def test_the_transports_leave_the_copy_modules_to_their_preload():
     """``pull`` imports libnbd's bindings, the engine and the qcow2 writer only while backupBegin
     runs, ``push`` its digest pass's modules while the job runs (``preload``): imported before,
     they would add to the command's start again."""
-    code = ("import sys; import libvbackup.backup, libvbackup.pull; print(sorted(m for m in ('nbd', "
-            "'libvbackup.nbdio', 'libvbackup.engine', 'libvbackup.parallel', 'libvbackup.target', "
-            "'libvbackup.qcow2', 'hashlib', 'xxhash') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
     from libvbackup import pull, push
 
+    assert loaded("libvbackup.backup, libvbackup.pull", ("nbd", "libvbackup.nbdio", "libvbackup.engine",
+                  "libvbackup.parallel", "libvbackup.target", "libvbackup.qcow2", "hashlib", "xxhash")) == []
     assert set(pull.COPY_MODULES) >= {"libvbackup.nbdio", "libvbackup.parallel", "libvbackup.target"}
-    code = ("import sys; import libvbackup.backup, libvbackup.push; print(sorted(m for m in ("
-            "'libvbackup.engine', 'libvbackup.imagefile', 'libvbackup.parallel', 'hashlib', 'xxhash') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert loaded("libvbackup.backup, libvbackup.push", ("libvbackup.engine", "libvbackup.imagefile",
+                  "libvbackup.parallel", "hashlib", "xxhash")) == []
     assert set(push.DIGEST_MODULES) >= {"libvbackup.engine", "libvbackup.imagefile", "libvbackup.parallel"}
 
 
