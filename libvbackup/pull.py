@@ -95,6 +95,7 @@ def run(ctx: RunContext) -> list[DiskResult]:
             ender.join()  # never a libvirt call of ours left running behind the run's clean-up
             raise
         ctx.job_end = ender  # the pipeline waits for it after the commit (or joins it on failure)
+        ender.requested()
         results = [DiskResult(j.name, j.source.size, stats[j.name].bytes_copied, stats[j.name].bytes_zeroed,
                               sums[j.name].complete(), sums[j.name].layout.block,
                               sums[j.name].layout.algorithm_name,
@@ -105,13 +106,16 @@ def run(ctx: RunContext) -> list[DiskResult]:
 class _JobEnder:
     """Ends the backup job in a thread once the export is no longer read, while the images get
     their metadata and fsync and the point is committed (15-20 ms of a run's end: ``abortJob``,
-    then libvirt's end of the job). ``wait`` ends it here if that never started, and raises what
-    ending it raised; ``join`` only waits."""
+    then libvirt's end of the job). ``requested`` returns once libvirt has been asked to end
+    the job (before the commit: a committed point never leaves a job that nobody ends, even if
+    this process dies right after it); ``wait`` until the job is gone. Both end it here if that
+    never started, and raise what ending it raised; ``join`` only waits for the thread."""
 
     def __init__(self, dom):
         self.dom = dom
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self._asked = threading.Event()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="job-end", daemon=True)
@@ -119,17 +123,32 @@ class _JobEnder:
 
     def _run(self) -> None:
         try:
-            self.dom.abort_job()
-        except BaseException as e:  # noqa: BLE001 - raised by wait()
+            self.dom.request_abort()
+            self._asked.set()
+            self.dom.wait_job_gone()
+        except BaseException as e:  # noqa: BLE001 - raised by requested() or wait()
             self.error = e
+        finally:
+            self._asked.set()
 
     def join(self) -> None:
         if self.thread is not None:
             self.thread.join()
 
+    def requested(self) -> None:
+        if self.thread is None:
+            self.dom.request_abort()
+            self._asked.set()
+            return
+        self._asked.wait()
+        if self.error is not None:
+            raise self.error
+
     def wait(self) -> None:
         if self.thread is None:
-            self.dom.abort_job()
+            if not self._asked.is_set():
+                self.dom.request_abort()
+            self.dom.wait_job_gone()
             return
         self.join()
         if self.error is not None:

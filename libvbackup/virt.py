@@ -224,11 +224,19 @@ class Domain:
 
     def abort_job(self, wait: float = 30.0) -> None:
         """End the backup job (the normal end of a pull job) and wait until it is gone."""
+        self.request_abort()
+        self.wait_job_gone(wait)
+
+    def request_abort(self) -> None:
+        """Ask libvirt to end the backup job: once this returned, libvirt ends it whatever
+        becomes of this process (it removes the export and the scratch images)."""
         try:
             self._retry("abortJob")
         except libvirt.libvirtError as e:
             if self.has_backup_job():
                 raise LibvirtError(f"cannot end the backup job of VM {self.name!r}: {_msg(e)}") from e
+
+    def wait_job_gone(self, wait: float = 30.0) -> None:
         deadline = time.monotonic() + wait
         while self.has_backup_job():
             if time.monotonic() > deadline:
