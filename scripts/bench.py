@@ -652,6 +652,34 @@ GOALS = {  # issue 13 ("Done when"), README section Performance
     **{f"big_{c}_vs_small": 3.0 for c, _ in BIG_COMMANDS},
 }
 BIG_RSS_GOAL_MIB = 256
+# The goals' ratios again round by round (the two sides of a round ran next to each other, so a
+# disk that slows down for a while moves both): ratio -> (ours, the hand sides (the best one
+# counts), "ratio" or "minus"). Printed as the range beside the ratio of the medians.
+PAIRED = {
+    "full_vs_best_hand": ("full_libvbackup", ("full_nbdcopy", "full_qemu_img"), "ratio"),
+    "served_full_vs_best_hand": ("full_served", ("full_nbdcopy", "full_qemu_img"), "ratio"),
+    "restore_vs_qemu_img": ("restore_libvbackup", ("restore_qemu_img",), "ratio"),
+    "served_restore_vs_qemu_img": ("restore_served", ("restore_qemu_img",), "ratio"),
+    "inc_empty_minus_hand_seconds": ("inc_empty", ("inc_empty_hand",), "minus"),
+    "inc_empty_served_minus_hand_seconds": ("inc_empty_served", ("inc_empty_hand",), "minus"),
+    "push_full_vs_libvirt_job": ("push_full_libvbackup", ("push_full_libvirt",), "ratio"),
+    "served_push_full_vs_libvirt_job": ("push_full_served", ("push_full_libvirt",), "ratio"),
+}
+
+
+def round_ratios(res: dict[str, list]) -> dict[str, list[float]]:
+    """Each paired ratio of ``PAIRED`` per round, from the rounds' (seconds, ...) rows."""
+    out = {}
+    for key, (ours, hands, kind) in PAIRED.items():
+        rows = [res.get(k) for k in (ours, *hands)]
+        if not all(rows) or len({len(r) for r in rows}) != 1:
+            continue
+        per = []
+        for i, row in enumerate(res[ours]):
+            hand = min(res[h][i][0] for h in hands)
+            per.append(row[0] / hand if kind == "ratio" else row[0] - hand)
+        out[key] = per
+    return out
 MODES = ("pull", "push", "big", "chain", "remote", "compress", "s3", "instant", "many")
 DEFAULT_MODES = ("pull", "push")
 
@@ -986,6 +1014,7 @@ def main() -> int:
         "dirty_bytes": dirty_bytes, "dirty5_bytes": dirty5_bytes, "push_dirty_bytes": push_dirty_bytes,
         "median_seconds": med, "median_cpu_seconds": cpu, "peak_rss_kib": rss, "ratios": ratios,
         "goals": {k: v for k, v in GOALS.items() if k in ratios},
+        "ratios_by_round": round_ratios(res),
     }
     if big is not None:
         report["big"] = {**big, "peak_rss_goal_mib": BIG_RSS_GOAL_MIB,
@@ -1017,10 +1046,12 @@ def main() -> int:
             if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_", "instant_", "many_")):
                 used = f"   CPU {cpu[k]:6.3f} s" if k in cpu else ""
                 print(f"  {k:<22} {med[k]:8.3f} s   peak RSS {rss[k] / 1024:7.1f} MiB{used}")
+        by_round = report["ratios_by_round"]
         for k, v in ratios.items():
             if not k.startswith(("big_", "chain_", "remote_", "compress_", "s3_", "instant_", "many_")):
                 goal = f"   goal <= {GOALS[k]:.2f}" if k in GOALS else ""
-                print(f"  {k:<48} {v:6.2f}{goal}")
+                spread = (f"   rounds {min(by_round[k]):.2f}-{max(by_round[k]):.2f}" if k in by_round else "")
+                print(f"  {k:<48} {v:6.2f}{goal}{spread}")
     if rem is not None:
         print_remote(args, rem, med, rss, ratios)
     if big is not None:
