@@ -3,8 +3,9 @@
 ``virDomainBackupBegin`` takes 40-100 ms here, and libvirt-python releases the GIL while it
 waits; the modules that only the copy needs (libnbd's bindings, the engine, the qcow2 writer,
 the digest extensions: 10-14 ms of a cold command's CPU) are imported in that time instead of
-before it. ``join`` before the first use: an import that failed in the thread is made again
-by the caller's own ``import`` statement, which raises the real error where it is used.
+before it. Used as ``with Preload(names):`` around the call, which joins the thread on the
+way out; an import that failed in the thread is made again by the caller's own ``import``
+statement, which raises the real error where it is used.
 """
 
 from __future__ import annotations
@@ -28,3 +29,9 @@ class Preload:
 
     def join(self) -> None:
         self._thread.join()
+
+    def __enter__(self) -> "Preload":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.join()

@@ -62,14 +62,11 @@ def _source(ctx: RunContext, name: str, bitmap: str | None):
 
 def run(ctx: RunContext) -> list[DiskResult]:
     plan, dom = ctx.plan, ctx.dom
-    loading = Preload(COPY_MODULES)
-    try:
+    with Preload(COPY_MODULES):
         if ctx.net is None:
             ctx.begin_job()
         else:
             _begin_on_a_free_port(ctx)
-    finally:
-        loading.join()
     from . import parallel, target as tgt
 
     docs = ctx.docs

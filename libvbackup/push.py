@@ -41,12 +41,9 @@ def run(ctx: RunContext) -> list[DiskResult]:
         path = docs.push_target(d.name)
         qemuimg.create(str(path), sizes[d.name], backing=ctx.backing(d), unsafe=True)
         scratch.give_to_qemu(path)
-    loading = Preload(DIGEST_MODULES)
-    try:
+    with Preload(DIGEST_MODULES):
         ctx.begin_job(reuse_external=True)
         _wait(ctx)
-    finally:
-        loading.join()
     from . import engine, imagefile, parallel
 
     done = dom.completed_job_stats()
